@@ -1,0 +1,8 @@
+"""PatchCore industrial anomaly detection as a scikit-learn estimator."""
+
+from ._detector import PatchCoreDetector
+from ._feature_extractor import PatchFeatureExtractor
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["PatchCoreDetector", "PatchFeatureExtractor"]

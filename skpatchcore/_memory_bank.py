@@ -1,0 +1,185 @@
+"""Nearest-neighbour search in the memory bank of nominal patch features."""
+
+import numpy as np
+import torch
+
+# Extra candidates taken from the fast float32 pass before the exact re-ranking;
+# a true neighbour could only be missed if rounding moved it past this many
+# others, far beyond float32 error on distances between real features.
+_RERANK_MARGIN = 8
+
+# Upper bound on query-by-bank distance entries computed at once (256 MiB of
+# float32), so that memory does not grow with the number of query patches.
+_BLOCK_ENTRIES = 1 << 26
+
+# Upper bound on float64 difference entries in the exact re-ranking (64 MiB).
+_RERANK_ENTRIES = 1 << 23
+
+
+class MemoryBank:
+    """A float32 bank of patch features with k-nearest-neighbour queries.
+
+    Parameters
+    ----------
+    features : ndarray of shape (n_entries, n_features)
+        The bank.
+
+    algorithm : {"exact", "pynndescent"}, default="exact"
+        ``"exact"`` searches by brute force in blocks; ``"pynndescent"``
+        builds an approximate index, for large banks.
+
+    random_state : int, default=0
+        Seed of the pynndescent index.
+
+    device : str or torch.device, default="cpu"
+        Where exact searches run.
+
+    Notes
+    -----
+    Exact search ranks candidates with a float32 matrix product, then
+    recomputes the distances of the ``k + 8`` best candidates as float64
+    norms of differences and re-ranks them. Returned distances are therefore
+    accurate (no cancellation in ``|a|^2 + |b|^2 - 2ab``) and do not depend on
+    how queries are split into blocks or batches.
+    """
+
+    def __init__(self, features, algorithm="exact", random_state=0, device="cpu"):
+        self.features = np.ascontiguousarray(features, dtype=np.float32)
+        self.algorithm = algorithm
+        self.random_state = random_state
+        self.device = torch.device(device)
+        self._index = None
+        if algorithm == "pynndescent":
+            self._build_index()
+
+    def __len__(self):
+        return self.features.shape[0]
+
+    def _build_index(self):
+        from pynndescent import NNDescent
+
+        self._index = NNDescent(
+            self.features,
+            metric="euclidean",
+            random_state=self.random_state,
+            n_neighbors=min(30, len(self) - 1) if len(self) > 2 else 1,
+        )
+        self._index.prepare()
+
+    def _device_features(self):
+        if getattr(self, "_cached", None) is None:
+            tensor = torch.from_numpy(self.features).to(self.device)
+            self._cached = (tensor, (tensor * tensor).sum(dim=1))
+        return self._cached
+
+    def kneighbors(self, queries, n_neighbors=1, exclude_groups=None):
+        """Distances and indices of the nearest bank entries of each query.
+
+        Parameters
+        ----------
+        queries : ndarray of shape (n_queries, n_features)
+            Query features.
+
+        n_neighbors : int, default=1
+            Neighbours per query, at most the bank size.
+
+        exclude_groups : tuple of two ndarrays, default=None
+            ``(query_groups, bank_groups)``: a query never matches a bank
+            entry of its own group. Used to score training images against a
+            bank without their own patches; always searched exactly.
+
+        Returns
+        -------
+        distances : ndarray of shape (n_queries, n_neighbors)
+            Euclidean distances, ascending, float32.
+
+        indices : ndarray of shape (n_queries, n_neighbors)
+            Bank row of each neighbour.
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        n_candidates = min(len(self), n_neighbors + _RERANK_MARGIN)
+        block = max(
+            1,
+            min(
+                _BLOCK_ENTRIES // len(self),
+                _RERANK_ENTRIES // (n_candidates * self.features.shape[1]),
+            ),
+        )
+        approximate = self.algorithm == "pynndescent" and exclude_groups is None
+        distances, indices = [], []
+        for start in range(0, len(queries), block):
+            chunk = queries[start : start + block]
+            if approximate:
+                candidates = self._index_candidates(chunk, n_candidates)
+                excluded = None
+            else:
+                groups = None
+                if exclude_groups is not None:
+                    groups = (
+                        exclude_groups[0][start : start + block],
+                        exclude_groups[1],
+                    )
+                candidates, excluded = self._exact_candidates(
+                    chunk, n_candidates, groups
+                )
+            d, i = self._rerank(chunk, candidates, n_neighbors, excluded)
+            distances.append(d)
+            indices.append(i)
+        return np.concatenate(distances), np.concatenate(indices)
+
+    def _index_candidates(self, queries, n_candidates):
+        if self._index is None:
+            self._build_index()
+        candidates, _ = self._index.query(queries, k=n_candidates)
+        return candidates.astype(np.int64)
+
+    def _exact_candidates(self, queries, n_candidates, groups):
+        """The ``n_candidates`` best bank rows per query by a float32 product."""
+        bank, bank_norms = self._device_features()
+        chunk = torch.from_numpy(queries).to(self.device)
+        approx = bank_norms[None, :] - 2.0 * (chunk @ bank.T)
+        if groups is not None:
+            query_groups, bank_groups = groups
+            same = torch.from_numpy(query_groups[:, None] == bank_groups[None, :])
+            approx.masked_fill_(same.to(self.device), float("inf"))
+        candidates = torch.topk(approx, n_candidates, dim=1, largest=False).indices
+        excluded = None
+        if groups is not None:
+            excluded = torch.isinf(approx.gather(1, candidates)).cpu().numpy()
+        return candidates.cpu().numpy(), excluded
+
+    def _rerank(self, queries, candidates, n_neighbors, excluded):
+        distances = self.exact_distances(queries, candidates)
+        if excluded is not None:
+            distances[excluded] = np.inf
+        # Stable sort: equal distances keep the lower bank index first.
+        order = np.argsort(distances, axis=1, kind="stable")[:, :n_neighbors]
+        rows = np.arange(len(queries))[:, None]
+        return distances[rows, order].astype(np.float32), candidates[rows, order]
+
+    def exact_distances(self, queries, indices):
+        """Float64 Euclidean distances from each query to its listed bank rows.
+
+        Parameters
+        ----------
+        queries : ndarray of shape (n_queries, n_features)
+            Query features.
+
+        indices : ndarray of shape (n_queries, k)
+            Bank rows per query.
+
+        Returns
+        -------
+        distances : ndarray of shape (n_queries, k)
+            Norms of the differences, computed in float64.
+        """
+        differences = self.features[indices].astype(np.float64) - queries[
+            :, None, :
+        ].astype(np.float64)
+        return np.sqrt(np.einsum("qkd,qkd->qk", differences, differences))
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_cached"] = None
+        state["device"] = torch.device("cpu")
+        return state

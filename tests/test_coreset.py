@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+
+from skpatchcore._coreset import greedy_coreset, random_projection
+
+
+def brute_force_k_center(points, n_samples, start):
+    """Algorithm 1 written out with a full distance matrix (toy sizes only)."""
+    distances = np.linalg.norm(points[:, None, :] - points[None, :, :], axis=2)
+    chosen = [start]
+    while len(chosen) < n_samples:
+        nearest = distances[:, chosen].min(axis=1)
+        nearest[chosen] = -1.0
+        chosen.append(int(np.argmax(nearest)))
+    return np.array(chosen)
+
+
+def test_matches_brute_force_without_projection():
+    points = np.random.default_rng(0).normal(size=(200, 5)).astype(np.float32)
+    chosen = greedy_coreset(
+        points, 20, projection_dim=None, random_state=np.random.RandomState(3)
+    )
+    start = np.random.RandomState(3).randint(200)
+    assert chosen[0] == start
+    np.testing.assert_array_equal(chosen, brute_force_k_center(points, 20, start))
+
+
+def test_matches_brute_force_on_the_projected_points():
+    points = np.random.default_rng(1).normal(size=(150, 40)).astype(np.float32)
+    chosen = greedy_coreset(
+        points, 15, projection_dim=8, random_state=np.random.RandomState(7)
+    )
+    replay = np.random.RandomState(7)
+    projected = points @ random_projection(40, 8, replay)
+    start = replay.randint(150)
+    np.testing.assert_array_equal(chosen, brute_force_k_center(projected, 15, start))
+
+
+def test_hand_checked_toy_set():
+    # Three clusters on a line: around 0, around 10, and a lone point at 100.
+    points = np.array([[0.0], [0.1], [0.2], [10.0], [10.1], [100.0]], dtype=np.float32)
+    random_state = np.random.RandomState(0)
+    start = np.random.RandomState(0).randint(6)
+    chosen = greedy_coreset(points, 3, projection_dim=None, random_state=random_state)
+    # Whatever the start, the 3-center cover must take one point of each
+    # cluster: the farthest point is always in another cluster.
+    clusters = {0: 0, 1: 0, 2: 0, 3: 1, 4: 1, 5: 2}
+    assert chosen[0] == start
+    assert sorted(clusters[i] for i in chosen) == [0, 1, 2]
+
+
+def test_covering_radius_beats_random_subset():
+    rng = np.random.default_rng(2)
+    # A multimodal cloud: one dense blob and a few far, small ones.
+    blobs = [rng.normal(size=(900, 3))] + [
+        rng.normal(loc=20 * k, scale=0.1, size=(5, 3)) for k in range(1, 5)
+    ]
+    points = np.concatenate(blobs).astype(np.float32)
+
+    def radius(indices):
+        d = np.linalg.norm(points[:, None] - points[indices][None], axis=2)
+        return d.min(axis=1).max()
+
+    chosen = greedy_coreset(
+        points, 30, projection_dim=None, random_state=np.random.RandomState(0)
+    )
+    random_subset = rng.choice(len(points), 30, replace=False)
+    assert radius(chosen) < radius(random_subset)
+
+
+def test_distinct_indices_even_with_duplicates():
+    points = np.zeros((10, 4), dtype=np.float32)
+    points[0] = 1.0
+    chosen = greedy_coreset(
+        points, 10, projection_dim=None, random_state=np.random.RandomState(0)
+    )
+    assert sorted(chosen.tolist()) == list(range(10))
+
+
+def test_seeded_and_sized():
+    points = np.random.default_rng(3).normal(size=(300, 64)).astype(np.float32)
+    a = greedy_coreset(
+        points, 25, projection_dim=16, random_state=np.random.RandomState(5)
+    )
+    b = greedy_coreset(
+        points, 25, projection_dim=16, random_state=np.random.RandomState(5)
+    )
+    c = greedy_coreset(
+        points, 25, projection_dim=16, random_state=np.random.RandomState(6)
+    )
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert a.shape == (25,)
+
+
+@pytest.mark.parametrize("n_samples", [0, 301])
+def test_rejects_bad_sizes(n_samples):
+    points = np.zeros((300, 2), dtype=np.float32)
+    with pytest.raises(ValueError, match="n_samples"):
+        greedy_coreset(
+            points,
+            n_samples,
+            projection_dim=None,
+            random_state=np.random.RandomState(0),
+        )
