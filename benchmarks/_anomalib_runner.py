@@ -17,7 +17,8 @@ environment that reuses the system torch/numpy/scikit-learn::
 
     python3 -m venv --system-site-packages /tmp/anomalib-venv
     /tmp/anomalib-venv/bin/pip install "anomalib==2.7.0"
-    /tmp/anomalib-venv/bin/python -c "import torch, anomalib; print(torch.__version__, anomalib.__version__)"
+    /tmp/anomalib-venv/bin/python -c "import anomalib; print(anomalib.__version__)"
+    /tmp/anomalib-venv/bin/pip list | grep -E "^(torch|torchvision|numpy|scikit-learn) "
 
 anomalib 2.x declares no torch requirement in its base dependencies (torch
 comes through the ``cpu``/``cu1xx`` extras, which must not be requested), so
@@ -46,6 +47,7 @@ What anomalib 2.7.0's PatchCore does (for reading the results)
 """
 
 import time
+import warnings
 from unittest import mock
 
 import numpy as np
@@ -85,7 +87,11 @@ def preprocess(image, *, image_size, resize, mean, std):
     tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))[None]
     if (new_h, new_w) != (height, width):
         tensor = F.interpolate(
-            tensor, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True
+            tensor,
+            size=(new_h, new_w),
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
         )
     top = int(round((new_h - image_size) / 2.0))
     left = int(round((new_w - image_size) / 2.0))
@@ -137,7 +143,9 @@ def _build_model(backbone_module, layers, num_neighbors):
         )
     except Exception as exc:  # FX tracing failed: fall back to forward hooks.
         fx_error = exc
-    target = "anomalib.models.components.feature_extractors.timm.create_feature_extractor"
+    target = (
+        "anomalib.models.components.feature_extractors.timm.create_feature_extractor"
+    )
     with mock.patch(
         target, lambda model, return_nodes: _HookFeatureExtractor(model, return_nodes)
     ):
@@ -207,8 +215,11 @@ def run_anomalib_patchcore(
             "benchmarks/_anomalib_runner.py (use /tmp/anomalib-venv/bin/python)."
         ) from exc
 
+    # anomalib draws the coreset start point from torch's global RNG and the
+    # random projection from torch's and numpy's global RNGs (scikit-learn's
+    # sample_without_replacement with random_state=None).
     torch.manual_seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002
 
     def to_batches(images):
         tensors = [
@@ -232,11 +243,16 @@ def run_anomalib_patchcore(
     with torch.no_grad():
         for batch in train_batches:
             model(batch)
-        # Silence the coreset progress bar (a plain pass-through iterator).
-        with mock.patch(
-            "anomalib.models.components.sampling.k_center_greedy.tqdm",
-            lambda iterable, **kwargs: iterable,
+        # Silence the coreset progress bar (a plain pass-through iterator) and
+        # anomalib's spurious "Argument embeddings is deprecated" warning.
+        with (
+            warnings.catch_warnings(),
+            mock.patch(
+                "anomalib.models.components.sampling.k_center_greedy.tqdm",
+                lambda iterable, **kwargs: iterable,
+            ),
         ):
+            warnings.simplefilter("ignore", DeprecationWarning)
             model.subsample_embedding(coreset_ratio)
     fit_seconds = time.perf_counter() - start
 

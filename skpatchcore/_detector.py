@@ -76,8 +76,10 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         Stride ``s`` over feature positions (eq. 3).
 
     feature_dim : int, default=1024
-        Length of each patch feature after adaptive average pooling over the
-        channels of the layers.
+        Largest length of a patch feature: layers with more channels in all
+        are merged by adaptive average pooling over channels to
+        ``feature_dim``; fewer channels are concatenated as they are (e.g.
+        40 + 112 = 152 for EfficientNet-Lite0).
 
     image_size : int, default=224
         Side of the square model input.
@@ -134,7 +136,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
     feature_extractor_ : PatchFeatureExtractor
         The fitted extractor of patch features.
 
-    memory_bank_ : ndarray of shape (n_bank, feature_dim)
+    memory_bank_ : ndarray of shape (n_bank, n_features)
         The coreset of nominal patch features, float32.
 
     offset_ : float
@@ -471,6 +473,14 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             Boolean masks, one per image, True where anomalous.
         """
         return [m > self.pixel_threshold_ for m in self.anomaly_maps(X)]
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "feature_extractor_" in state:
+            # The extractor falls back to the CPU when the saved device is
+            # missing here; the searches follow it.
+            self.device_ = self.feature_extractor_.device_
+            self._searcher.device = self.device_
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

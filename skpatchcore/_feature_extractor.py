@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
 from ._backbones import build_feature_network, check_layers, load_backbone
@@ -47,13 +47,18 @@ def adaptive_pool_matrix(n_in, n_out):
 
 
 def channel_projection(layer_channels, feature_dim):
-    """The linear map from the layers' stacked channels to ``feature_dim``.
+    """The linear map from the layers' stacked channels to patch features.
 
-    Each layer is adaptively average-pooled over its channels to
-    ``feature_dim`` values, the layers are concatenated, and the concatenation
-    is pooled to ``feature_dim`` again; all three steps are linear, so they
-    fold into one ``(feature_dim, sum(layer_channels))`` matrix.
+    When the layers have at most ``feature_dim`` channels in all, they are
+    kept as they are (None: no projection), since pooling could only repeat
+    them. Otherwise each layer is adaptively average-pooled over its channels
+    to ``feature_dim`` values, the layers are concatenated, and the
+    concatenation is pooled to ``feature_dim`` again; all three steps are
+    linear, so they fold into one ``(feature_dim, sum(layer_channels))``
+    matrix.
     """
+    if sum(layer_channels) <= feature_dim:
+        return None
     per_layer = [adaptive_pool_matrix(c, feature_dim) for c in layer_channels]
     merge = adaptive_pool_matrix(feature_dim * len(layer_channels), feature_dim)
     blocks = [
@@ -99,7 +104,9 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         Keep every ``patch_stride``-th position of each feature map.
 
     feature_dim : int, default=1024
-        Length of each patch feature.
+        Largest length of a patch feature. Layers with more channels in all
+        are merged by adaptive average pooling to ``feature_dim``; fewer
+        channels are concatenated as they are (``feature_dim_`` tells).
 
     image_size : int, default=224
         Side of the square model input.
@@ -131,6 +138,12 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
 
     grid_shape_ : tuple of int
         ``(height, width)`` of the patch grid of one image.
+
+    layer_channels_ : tuple of int
+        Channels of each used layer.
+
+    feature_dim_ : int
+        Length of each patch feature.
 
     model_ : torch.nn.Module
         The backbone truncated after its last used layer.
@@ -165,7 +178,8 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         "feature_dim": [Interval(numbers.Integral, 1, None, closed="left")],
         "image_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "resize": [Interval(numbers.Integral, 1, None, closed="left"), None],
-        "device": [StrOptions({"auto"}), str, torch.device],
+        # "auto" is a str: StrOptions({"auto"}) beside str would be redundant.
+        "device": [str, torch.device],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "verbose": ["verbose"],
     }
@@ -239,21 +253,29 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
 
     def _probe_grid(self):
         """Run one blank image through the network to learn the layer shapes."""
-        with torch.inference_mode():
-            blank = torch.zeros(1, 3, self.image_size, self.image_size)
-            maps = self._layer_maps(blank.to(self.device_))
-        heights = [m.shape[2] for m in maps]
-        widths = [m.shape[3] for m in maps]
-        if min(heights) < 1 or min(widths) < 1:
-            raise ValueError(
-                f"image_size={self.image_size} is too small for layers "
-                f"{self.layers_}: a feature map is empty."
-            )
+        too_small = ValueError(
+            f"image_size={self.image_size} is too small for the backbone's "
+            f"layers {self.layers_}."
+        )
+        blank = torch.zeros(1, 3, self.image_size, self.image_size)
+        try:
+            with torch.inference_mode():
+                maps = self._layer_maps(blank.to(self.device_))
+        except RuntimeError as exc:
+            raise too_small from exc
+        if min(min(m.shape[2:]) for m in maps) < 1:
+            raise too_small
         self.layer_channels_ = tuple(int(m.shape[1]) for m in maps)
-        projection = channel_projection(self.layer_channels_, self.feature_dim)
-        self._projection = torch.from_numpy(projection).to(self.device_)
+        self._set_projection()
         pooled = self._aggregate(maps)
         self.grid_shape_ = tuple(int(s) for s in pooled.shape[2:])
+        self.feature_dim_ = int(pooled.shape[1])
+
+    def _set_projection(self):
+        projection = channel_projection(self.layer_channels_, self.feature_dim)
+        if projection is not None:
+            projection = torch.from_numpy(projection).to(self.device_)
+        self._projection = projection
 
     def _layer_maps(self, batch):
         outputs = self.model_(batch)
@@ -288,6 +310,8 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
             for m in aggregated[1:]
         ]
         stacked = torch.cat(aligned, dim=1)
+        if self._projection is None:
+            return stacked
         return torch.einsum("dc,nchw->ndhw", self._projection, stacked)
 
     def _extract(self, batch):
@@ -302,7 +326,7 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
     def iter_batches(self, X):
         """Yield ``(features, geometries)`` per batch of images of ``X``.
 
-        ``features`` is a float32 array (batch, h, w, feature_dim); geometries
+        ``features`` is a float32 array (batch, h, w, feature_dim_); geometries
         record how each model input sits in its original image.
         """
         check_is_fitted(self)
@@ -331,13 +355,21 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        features : ndarray of shape (n_images, grid_height, grid_width, feature_dim)
+        features : ndarray of shape (n_images, grid_height, grid_width, feature_dim_)
             Float32 patch features.
         """
         return np.concatenate([features for features, _ in self.iter_batches(X)])
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.three_d_array = True
+        return tags
+
     def __getstate__(self):
-        state = super().__getstate__()
+        # On Python >= 3.11 the inherited state is the live ``__dict__``: copy
+        # it, or pickling would strip the fitted network from this extractor.
+        state = dict(super().__getstate__())
         state.pop("_projection", None)
         if "model_" in state:
             # Only the truncated network's weights travel, on the CPU, so the
@@ -368,5 +400,4 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         network = build_feature_network(module, self.layers_)
         network.load_state_dict(weights)
         self._set_network(network)
-        projection = channel_projection(self.layer_channels_, self.feature_dim)
-        self._projection = torch.from_numpy(projection).to(self.device_)
+        self._set_projection()

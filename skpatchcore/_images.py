@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+from scipy import sparse
 
 _CHANNELS = (1, 3, 4)
 
@@ -82,11 +83,21 @@ def check_images(X):
         raise TypeError(
             "X must be a collection of images; wrap one PIL image in a list."
         )
+    if sparse.issparse(X):
+        raise TypeError(
+            f"X is a sparse {type(X).__name__}; sparse input is not supported: "
+            "pass images as dense arrays."
+        )
     if isinstance(X, np.ndarray):
         if X.ndim not in (3, 4):
+            hint = (
+                " Reshape your data with X[np.newaxis] if it is a single image."
+                if X.ndim == 2
+                else ""
+            )
             raise ValueError(
                 "An image array X must have shape (n_images, height, width) or "
-                f"(n_images, height, width, channels); got shape {X.shape}."
+                f"(n_images, height, width, channels); got shape {X.shape}.{hint}"
             )
         if X.shape[0] == 0:
             raise ValueError("X is empty: at least one image is required.")

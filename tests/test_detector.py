@@ -1,0 +1,357 @@
+import pickle
+
+import joblib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import FunctionTransformer
+
+from skpatchcore import PatchCoreDetector
+
+from conftest import FAST_PARAMS
+
+
+def reference_score_samples(detector, X):
+    """Eq. 6-7 by brute force in float64 on the fitted memory bank."""
+    features = detector.feature_extractor_.transform(X)
+    bank = detector.memory_bank_.astype(np.float64)
+    b = detector.n_reweight_neighbors
+    scores = []
+    for patches in features.reshape(len(features), -1, bank.shape[1]):
+        patches = patches.astype(np.float64)
+        distances = np.linalg.norm(patches[:, None] - bank[None], axis=2)
+        nearest = distances.min(axis=1)
+        worst = nearest.argmax()
+        m_star = distances[worst].argmin()
+        around = np.argsort(np.linalg.norm(bank - bank[m_star], axis=1), kind="stable")
+        support = [m_star] + [k for k in around if k != m_star][: b - 1]
+        to_support = np.linalg.norm(bank[support] - patches[worst], axis=1)
+        weight = 1 - np.exp(to_support[0]) / np.exp(to_support).sum() if b > 1 else 1
+        scores.append(-weight * nearest[worst])
+    return np.array(scores)
+
+
+def test_scores_match_brute_force_eq7(fast_detector, elpv_small):
+    expected = reference_score_samples(fast_detector, elpv_small.test_images)
+    np.testing.assert_allclose(
+        fast_detector.score_samples(elpv_small.test_images), expected, rtol=1e-5
+    )
+
+
+def test_no_reweighting_gives_the_maximum_patch_distance(elpv_small):
+    detector = PatchCoreDetector(**FAST_PARAMS, n_reweight_neighbors=1)
+    detector.fit(elpv_small.train_images)
+    expected = reference_score_samples(detector, elpv_small.test_images)
+    np.testing.assert_allclose(
+        detector.score_samples(elpv_small.test_images), expected, rtol=1e-5
+    )
+
+
+def test_outlier_conventions(fast_detector, elpv_small):
+    X = elpv_small.test_images
+    scores = fast_detector.score_samples(X)
+    decision = fast_detector.decision_function(X)
+    np.testing.assert_allclose(decision, scores - fast_detector.offset_)
+    labels = fast_detector.predict(X)
+    assert labels.dtype.kind == "i"
+    np.testing.assert_array_equal(labels, np.where(decision >= 0, 1, -1))
+    # Defective cells are less normal on average than good ones.
+    y = elpv_small.test_labels
+    assert scores[y == -1].mean() < scores[y == 1].mean()
+
+
+def test_fit_predict_is_hidden():
+    detector = PatchCoreDetector()
+    assert not hasattr(detector, "fit_predict")
+    with pytest.raises(AttributeError) as error:
+        detector.fit_predict
+    assert "novelty detector" in str(error.value.__cause__)
+
+
+def test_auto_threshold_is_the_leave_one_image_out_minimum(cell_arrays):
+    # With the whole bank kept, scoring image i against the bank without its
+    # own patches is the same as scoring it with a detector fitted on the
+    # other images: an independent way to get the calibration scores.
+    images = cell_arrays[:4]
+    params = dict(FAST_PARAMS, coreset_ratio=1.0)
+    detector = PatchCoreDetector(**params).fit(images)
+    held_out, largest = [], []
+    for i in range(len(images)):
+        others = PatchCoreDetector(**params).fit(np.delete(images, i, axis=0))
+        held_out.append(others.score_samples(images[i : i + 1])[0])
+        largest.append(others.anomaly_maps(images[i : i + 1])[0].max())
+    # The backbone runs on batches of other sizes here, which moves float32
+    # features by a few ulps: hence 1e-4.
+    np.testing.assert_allclose(detector.offset_, min(held_out), rtol=1e-4)
+    np.testing.assert_allclose(detector.pixel_threshold_, max(largest), rtol=1e-4)
+    assert np.all(detector.predict(images) == 1)
+
+    contaminated = PatchCoreDetector(**params, contamination=0.5).fit(images)
+    np.testing.assert_allclose(
+        contaminated.offset_, np.quantile(held_out, 0.5), rtol=1e-4
+    )
+    np.testing.assert_allclose(
+        contaminated.pixel_threshold_, np.quantile(largest, 0.5), rtol=1e-4
+    )
+
+
+def test_anomaly_maps_follow_each_image(fast_detector, cell_arrays):
+    # A bright scratch on a real cell, in images of different sizes and
+    # aspect ratios: the map must peak on the scratch at each image's own
+    # resolution, above anything the clean image scores.
+    base = cell_arrays[0]
+    clean, scratched = [], []
+    for height, width in [(300, 300), (200, 360), (411, 257)]:
+        image = np.asarray(Image.fromarray(base).resize((width, height)))
+        clean.append(image)
+        image = image.copy()
+        image[height // 4 : height // 4 + 12, width // 2 : width // 2 + 40] = 255
+        scratched.append(image)
+    clean_maps = fast_detector.anomaly_maps(clean)
+    maps = fast_detector.anomaly_maps(scratched)
+    masks = fast_detector.predict_masks(scratched)
+    for image, anomaly_map, clean_map, mask in zip(scratched, maps, clean_maps, masks):
+        height, width = image.shape
+        assert anomaly_map.shape == clean_map.shape == mask.shape == image.shape
+        assert anomaly_map.dtype == np.float32
+        assert mask.dtype == bool
+        np.testing.assert_array_equal(
+            mask, anomaly_map > fast_detector.pixel_threshold_
+        )
+        row, col = np.unravel_index(anomaly_map.argmax(), anomaly_map.shape)
+        assert abs(row - (height // 4 + 6)) < height / 8
+        assert abs(col - (width // 2 + 20)) < width / 8
+        assert anomaly_map[height // 4 + 6, width // 2 + 20] > clean_map.max()
+
+
+def test_input_forms_agree(fast_detector, cell_arrays, tmp_path):
+    images = cell_arrays[:3]
+    expected = fast_detector.score_samples(images)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    rgb = np.repeat(images[..., None], 3, axis=3)
+    rgba = np.concatenate([rgb, np.full_like(rgb[..., :1], 7)], axis=3)
+    forms = {
+        "float": images / 255.0,
+        "channel": images[..., None],
+        "rgb": rgb,
+        "rgba": rgba,
+        "list": list(images),
+        "pil": [Image.fromarray(image) for image in images],
+        "paths": paths,
+        "str paths": [str(p) for p in paths],
+        "uint16": images.astype(np.uint16) * 257,
+    }
+    for name, X in forms.items():
+        np.testing.assert_allclose(
+            fast_detector.score_samples(X), expected, rtol=1e-5, err_msg=name
+        )
+
+
+def test_fit_and_test_sizes_may_differ(cell_arrays):
+    train = [cell_arrays[0], cell_arrays[1][:200, :250], cell_arrays[2][50:, :]]
+    detector = PatchCoreDetector(**FAST_PARAMS).fit(train)
+    test = [cell_arrays[3][:123, :77], cell_arrays[4]]
+    assert detector.score_samples(test).shape == (2,)
+    assert [m.shape for m in detector.anomaly_maps(test)] == [(123, 77), (300, 300)]
+
+
+def test_user_data_and_module_are_not_modified(cell_arrays):
+    images = cell_arrays[:3]
+    snapshot = images.copy()
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
+    module.train()
+    weights = {k: v.clone() for k, v in module.state_dict().items()}
+    params = dict(FAST_PARAMS, backbone=module, layers=("0", "1"))
+    detector = PatchCoreDetector(**params).fit(images)
+    detector.score_samples(images)
+    np.testing.assert_array_equal(images, snapshot)
+    assert module.training
+    for name, tensor in module.state_dict().items():
+        torch.testing.assert_close(tensor, weights[name])
+    assert detector.get_params()["backbone"] is module
+
+
+def test_joblib_round_trip_is_identical_and_small(fast_detector, elpv_small, tmp_path):
+    path = tmp_path / "detector.joblib"
+    joblib.dump(fast_detector, path)
+    loaded = joblib.load(path)
+    X = elpv_small.test_images
+    np.testing.assert_array_equal(loaded.score_samples(X), fast_detector.score_samples(X))
+    for a, b in zip(loaded.anomaly_maps(X[:2]), fast_detector.anomaly_maps(X[:2])):
+        np.testing.assert_array_equal(a, b)
+    assert loaded.offset_ == fast_detector.offset_
+    # The file holds the bank and the weights of the truncated network only:
+    # EfficientNet-Lite0 up to stage 5, not its later stages or classifier.
+    saved = loaded.feature_extractor_.__getstate__()["model_"]
+    assert not any(k.startswith(("stage6", "stage7", "head", "classifier")) for k in saved)
+    weight_bytes = sum(t.numel() * t.element_size() for t in saved.values())
+    assert path.stat().st_size < fast_detector.memory_bank_.nbytes + weight_bytes + 200_000
+
+
+def test_loading_needs_no_network(tmp_path, cell_arrays, monkeypatch):
+    detector = PatchCoreDetector(**dict(FAST_PARAMS, backbone="resnet18", weights=None))
+    detector.fit(cell_arrays[:3])
+    path = tmp_path / "resnet.joblib"
+    joblib.dump(detector, path)
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried to download weights")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    loaded = joblib.load(path)
+    np.testing.assert_array_equal(
+        loaded.score_samples(cell_arrays[3:5]), detector.score_samples(cell_arrays[3:5])
+    )
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_fitted_on_cuda_loads_on_cpu(fast_detector, elpv_small, monkeypatch, device):
+    # No GPU here: give the CPU-fitted detector the state a CUDA fit leaves
+    # (device_ says cuda); pickling never stores CUDA tensors, so loading on
+    # a machine without CUDA must fall back to the CPU.
+    detector = pickle.loads(pickle.dumps(fast_detector))
+    detector.set_params(device=device)
+    detector.feature_extractor_.set_params(device=device)
+    cuda = torch.device("cuda")
+    detector.device_ = detector.feature_extractor_.device_ = cuda
+    payload = pickle.dumps(detector)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if device == "cuda":
+        with pytest.warns(UserWarning, match="runs on the CPU"):
+            loaded = pickle.loads(payload)
+    else:
+        loaded = pickle.loads(payload)
+    assert loaded.device_ == torch.device("cpu")
+    assert loaded.get_params()["device"] == device
+    X = elpv_small.test_images
+    np.testing.assert_allclose(loaded.score_samples(X), fast_detector.score_samples(X))
+
+
+def test_seeded_fit_is_reproducible(cell_arrays):
+    a = PatchCoreDetector(**FAST_PARAMS).fit(cell_arrays[:4])
+    b = PatchCoreDetector(**FAST_PARAMS).fit(cell_arrays[:4])
+    c = PatchCoreDetector(**dict(FAST_PARAMS, random_state=1)).fit(cell_arrays[:4])
+    np.testing.assert_array_equal(a.memory_bank_, b.memory_bank_)
+    assert not np.array_equal(a.memory_bank_, c.memory_bank_)
+
+
+def test_batch_size_does_not_change_scores(fast_detector, elpv_small):
+    one = clone(fast_detector).set_params(batch_size=1).fit(elpv_small.train_images)
+    np.testing.assert_allclose(
+        one.score_samples(elpv_small.test_images),
+        fast_detector.score_samples(elpv_small.test_images),
+        rtol=1e-5,
+    )
+
+
+def test_coreset_size_and_pynndescent(fast_detector, elpv_small):
+    n_patches = len(elpv_small.train_images) * np.prod(fast_detector.grid_shape_)
+    assert len(fast_detector.memory_bank_) == np.ceil(0.25 * n_patches)
+    assert fast_detector.memory_bank_.dtype == np.float32
+    approximate = clone(fast_detector).set_params(nn_algorithm="pynndescent")
+    approximate.fit(elpv_small.train_images)
+    np.testing.assert_allclose(
+        approximate.score_samples(elpv_small.test_images),
+        fast_detector.score_samples(elpv_small.test_images),
+        rtol=0.05,
+    )
+
+
+def test_pipeline_and_clone(elpv_small, cell_arrays):
+    pipeline = make_pipeline(
+        FunctionTransformer(lambda X: X[:, 10:-10, 10:-10]),
+        PatchCoreDetector(**FAST_PARAMS),
+    )
+    pipeline.fit(cell_arrays[:4])
+    assert pipeline.predict(cell_arrays[4:6]).shape == (2,)
+    assert pipeline.decision_function(cell_arrays[4:6]).shape == (2,)
+    cloned = clone(pipeline[-1])
+    assert cloned.get_params() == pipeline[-1].get_params()
+    assert not hasattr(cloned, "memory_bank_")
+
+
+def test_verbose_reports_progress(cell_arrays, capsys):
+    PatchCoreDetector(**FAST_PARAMS, verbose=1).fit(cell_arrays[:3])
+    out = capsys.readouterr().out
+    assert "coreset" in out and "batch 1/1" in out
+    PatchCoreDetector(**FAST_PARAMS).fit(cell_arrays[:3])
+    assert capsys.readouterr().out == ""
+
+
+def test_use_before_fit():
+    with pytest.raises(NotFittedError):
+        PatchCoreDetector().score_samples(np.zeros((1, 8, 8), np.uint8))
+
+
+@pytest.mark.parametrize(
+    "X, error, match",
+    [
+        (np.zeros((0, 8, 8), np.uint8), ValueError, "empty"),
+        ([], ValueError, "empty"),
+        (np.zeros((8, 8), np.uint8), ValueError, "shape"),
+        (np.zeros((2, 8, 8, 2), np.uint8), ValueError, "channels"),
+        (np.full((2, 8, 8), np.nan), ValueError, "NaN"),
+        (np.full((2, 8, 8), np.inf), ValueError, "NaN or infinity"),
+        (np.full((2, 8, 8), 3.0), ValueError, r"\[0, 1\]"),
+        (np.zeros((2, 8, 8), np.int64), TypeError, "dtype int64"),
+        (np.zeros((2, 8, 8), object), TypeError, "dtype object"),
+        (["no/such/image.png"], ValueError, "do not exist"),
+        ("image.png", TypeError, "wrap it in a list"),
+        ([np.zeros((8, 8), np.uint8), 5], TypeError, "Image 1"),
+        ([np.zeros((0, 8), np.uint8)], ValueError, "empty side"),
+    ],
+)
+def test_bad_input_is_named(fast_detector, X, error, match):
+    with pytest.raises(error, match=match):
+        fast_detector.score_samples(X)
+    with pytest.raises(error, match=match):
+        clone(fast_detector).fit(X)
+
+
+def test_corrupt_file(fast_detector, tmp_path):
+    path = tmp_path / "broken.png"
+    path.write_bytes(b"not a png at all")
+    with pytest.raises(ValueError, match="broken.png"):
+        fast_detector.score_samples([path])
+
+
+def test_one_training_image_is_refused(cell_arrays):
+    with pytest.raises(ValueError, match="at least 2 training images"):
+        PatchCoreDetector(**FAST_PARAMS).fit(cell_arrays[:1])
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (dict(coreset_ratio=0.0), "coreset_ratio"),
+        (dict(coreset_ratio=1.5), "coreset_ratio"),
+        (dict(contamination=0.7), "contamination"),
+        (dict(patch_size=2), "patch_size must be odd"),
+        (dict(nn_algorithm="faiss"), "nn_algorithm"),
+        (dict(resize=32, image_size=64), "resize=32 must be at least"),
+        (dict(backbone="no_such_net"), "no_such_net"),
+        (dict(layers=("stage3", "nope")), "nope"),
+        (dict(device="tpu"), "device"),
+        (dict(n_reweight_neighbors=0), "n_reweight_neighbors"),
+    ],
+)
+def test_bad_parameters_are_named(cell_arrays, params, match):
+    with pytest.raises(ValueError, match=match):
+        PatchCoreDetector(**dict(FAST_PARAMS, **params)).fit(cell_arrays[:2])
+
+
+def test_image_size_too_small_for_the_backbone(cell_arrays):
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 7))
+    detector = PatchCoreDetector(
+        **dict(FAST_PARAMS, backbone=module, layers=("0",), image_size=4)
+    )
+    with pytest.raises(ValueError, match="image_size=4 is too small"):
+        detector.fit(cell_arrays[:2])
