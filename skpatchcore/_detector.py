@@ -435,7 +435,21 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
 
     @available_if(_novelty_only)
     def fit_predict(self, X, y=None):
-        """Not available: fit on good images, then predict new ones."""
+        """Not available: fit on good images, then predict new ones.
+
+        PatchCore is a novelty detector, like
+        ``LocalOutlierFactor(novelty=True)``: its threshold is set for images
+        it has not seen, so labelling its own training images has no meaning.
+        Accessing this method raises an AttributeError.
+
+        Parameters
+        ----------
+        X : array-like or list of images
+            Unused.
+
+        y : None
+            Ignored. Not used, present for API consistency by convention.
+        """
 
     def anomaly_maps(self, X):
         """Per-pixel anomaly map of each image, at the image's own resolution.
@@ -460,7 +474,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         return maps
 
     def predict_masks(self, X):
-        """Pixels whose anomaly-map value exceeds ``pixel_threshold_``.
+        """Mark the pixels whose anomaly-map value exceeds ``pixel_threshold_``.
 
         Parameters
         ----------

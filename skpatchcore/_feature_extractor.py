@@ -324,10 +324,25 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         return features.permute(0, 2, 3, 1).float().cpu().numpy()
 
     def iter_batches(self, X):
-        """Yield ``(features, geometries)`` per batch of images of ``X``.
+        """Yield the patch features of ``X`` batch by batch, with geometries.
 
-        ``features`` is a float32 array (batch, h, w, feature_dim_); geometries
-        record how each model input sits in its original image.
+        Images are loaded one batch at a time, so that a long list of image
+        files never sits in memory at once.
+
+        Parameters
+        ----------
+        X : array-like or list of images
+            Images in any form accepted by :meth:`transform`.
+
+        Yields
+        ------
+        features : ndarray of shape (n_batch, grid_height, grid_width, feature_dim_)
+            Float32 patch features of the next ``batch_size`` images (fewer in
+            the last batch).
+
+        geometries : list of Geometry
+            How each model input sits in its original image (resize and
+            crop), to map anomaly maps back onto the image.
         """
         check_is_fitted(self)
         sources = check_images(X)

@@ -63,8 +63,8 @@ def check_images(X):
     ----------
     X : array-like or list
         A uint8/uint16/float array of shape (n, H, W) or (n, H, W, C) with C
-        in {1, 3, 4}, or a list whose items are such 2-D/3-D arrays, PIL
-        images or image file paths (str or path-like).
+        in {1, 3, 4}, or a list (or 1-D object array) whose items are such
+        2-D/3-D arrays, PIL images or image file paths (str or path-like).
 
     Returns
     -------
@@ -88,6 +88,10 @@ def check_images(X):
             f"X is a sparse {type(X).__name__}; sparse input is not supported: "
             "pass images as dense arrays."
         )
+    if isinstance(X, np.ndarray) and X.ndim == 1 and X.dtype.kind in "OUS":
+        # A 1-D array of paths or of images of different sizes, as fancy
+        # indexing of a list makes them.
+        X = list(X)
     if isinstance(X, np.ndarray):
         if X.ndim not in (3, 4):
             hint = (
@@ -197,7 +201,7 @@ def load_image(source):
         elif array.dtype == np.uint16:
             array = array.astype(np.float32) / 65535.0
         else:
-            array = array.astype(np.float32, copy=False)
+            array = array.astype(np.float32)
     if array.ndim == 2:
         array = array[:, :, None]
     if array.shape[2] == 1:

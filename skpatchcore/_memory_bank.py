@@ -44,7 +44,10 @@ class MemoryBank:
     """
 
     def __init__(self, features, algorithm="exact", random_state=0, device="cpu"):
-        self.features = np.ascontiguousarray(features, dtype=np.float32)
+        if not (features.dtype == np.float32 and features.flags.c_contiguous):
+            features = np.ascontiguousarray(features, dtype=np.float32)
+        # Held by reference, so that a pickled detector stores its bank once.
+        self.features = features
         self.algorithm = algorithm
         self.random_state = random_state
         self.device = torch.device(device)

@@ -10,7 +10,9 @@ from skpatchcore.datasets import load_elpv
 
 # The MVTec-layout MPDD category lies in the `shared` folder beside the repo
 # (development machines and CI); tests that need it skip elsewhere.
-MPDD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mpdd_metal_plate"
+MPDD = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mpdd_metal_plate"
+)
 
 # Real ImageNet weights, small inputs: seconds per fit on two CPU cores.
 FAST_PARAMS = dict(

@@ -4,6 +4,7 @@ import joblib
 import numpy as np
 import pytest
 import torch
+from conftest import FAST_PARAMS
 from PIL import Image
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
@@ -11,8 +12,6 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
 
 from skpatchcore import PatchCoreDetector
-
-from conftest import FAST_PARAMS
 
 
 def reference_score_samples(detector, X):
@@ -68,7 +67,7 @@ def test_fit_predict_is_hidden():
     detector = PatchCoreDetector()
     assert not hasattr(detector, "fit_predict")
     with pytest.raises(AttributeError) as error:
-        detector.fit_predict
+        detector.fit_predict  # noqa: B018
     assert "novelty detector" in str(error.value.__cause__)
 
 
@@ -146,6 +145,7 @@ def test_input_forms_agree(fast_detector, cell_arrays, tmp_path):
         "pil": [Image.fromarray(image) for image in images],
         "paths": paths,
         "str paths": [str(p) for p in paths],
+        "path array": np.array([str(p) for p in paths]),
         "uint16": images.astype(np.uint16) * 257,
     }
     for name, X in forms.items():
@@ -184,16 +184,23 @@ def test_joblib_round_trip_is_identical_and_small(fast_detector, elpv_small, tmp
     joblib.dump(fast_detector, path)
     loaded = joblib.load(path)
     X = elpv_small.test_images
-    np.testing.assert_array_equal(loaded.score_samples(X), fast_detector.score_samples(X))
+    np.testing.assert_array_equal(
+        loaded.score_samples(X), fast_detector.score_samples(X)
+    )
     for a, b in zip(loaded.anomaly_maps(X[:2]), fast_detector.anomaly_maps(X[:2])):
         np.testing.assert_array_equal(a, b)
     assert loaded.offset_ == fast_detector.offset_
     # The file holds the bank and the weights of the truncated network only:
     # EfficientNet-Lite0 up to stage 5, not its later stages or classifier.
     saved = loaded.feature_extractor_.__getstate__()["model_"]
-    assert not any(k.startswith(("stage6", "stage7", "head", "classifier")) for k in saved)
+    assert not any(
+        k.startswith(("stage6", "stage7", "head", "classifier")) for k in saved
+    )
     weight_bytes = sum(t.numel() * t.element_size() for t in saved.values())
-    assert path.stat().st_size < fast_detector.memory_bank_.nbytes + weight_bytes + 200_000
+    assert (
+        path.stat().st_size < fast_detector.memory_bank_.nbytes + weight_bytes + 200_000
+    )
+    assert loaded._searcher.features is loaded.memory_bank_
 
 
 def test_loading_needs_no_network(tmp_path, cell_arrays, monkeypatch):

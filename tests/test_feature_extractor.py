@@ -1,0 +1,118 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from skpatchcore import PatchFeatureExtractor
+from skpatchcore._feature_extractor import adaptive_pool_matrix, channel_projection
+
+
+class TwoLayers(torch.nn.Module):
+    """Layer ``a`` passes the image through; layer ``b`` halves its resolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Identity()
+        self.b = torch.nn.AvgPool2d(2)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def neighbourhood_mean(image, p, stride=1):
+    """Eq. 1-3 by hand: mean over the p x p neighbourhood inside the map."""
+    height, width, _ = image.shape
+    half = p // 2
+    out = np.empty_like(image)
+    for h in range(height):
+        for w in range(width):
+            window = image[
+                max(0, h - half) : h + half + 1, max(0, w - half) : w + half + 1
+            ]
+            out[h, w] = window.mean(axis=(0, 1))
+    return out[::stride, ::stride]
+
+
+@pytest.mark.parametrize("p, stride", [(1, 1), (3, 1), (5, 2)])
+def test_local_aggregation_by_hand(p, stride):
+    image = np.random.default_rng(0).random((1, 12, 12, 3)).astype(np.float32)
+    extractor = PatchFeatureExtractor(
+        TwoLayers(),
+        layers=("a",),
+        patch_size=p,
+        patch_stride=stride,
+        image_size=12,
+        resize=None,
+    ).fit()
+    features = extractor.transform(image)[0]
+    normalised = (image[0] - np.array(extractor.mean_)) / np.array(extractor.std_)
+    np.testing.assert_allclose(
+        features, neighbourhood_mean(normalised, p, stride), atol=1e-5
+    )
+
+
+def test_deeper_layer_is_aligned_and_merged():
+    image = np.random.default_rng(1).random((1, 16, 16, 3)).astype(np.float32)
+    extractor = PatchFeatureExtractor(
+        TwoLayers(),
+        layers=("a", "b"),
+        patch_size=1,
+        feature_dim=6,
+        image_size=16,
+        resize=None,
+    ).fit()
+    features = extractor.transform(image)[0]
+    assert extractor.grid_shape_ == (16, 16) and extractor.feature_dim_ == 6
+    normalised = torch.from_numpy(
+        ((image[0] - np.array(extractor.mean_)) / np.array(extractor.std_))
+        .transpose(2, 0, 1)[None]
+        .astype(np.float32)
+    )
+    deeper = F.interpolate(F.avg_pool2d(normalised, 2), size=(16, 16), mode="bilinear")
+    # 3 + 3 channels fit in feature_dim=6: both layers are kept as they are.
+    np.testing.assert_allclose(
+        features[..., :3], normalised[0].permute(1, 2, 0), atol=1e-5
+    )
+    np.testing.assert_allclose(features[..., 3:], deeper[0].permute(1, 2, 0), atol=1e-5)
+
+
+def test_channel_projection_equals_adaptive_pooling():
+    rng = np.random.default_rng(2)
+    channels, dim = (5, 11), 4
+    stacked = rng.normal(size=sum(channels))
+    layers = np.split(stacked, [channels[0]])
+
+    def pool(vector, n_out):
+        return F.adaptive_avg_pool1d(torch.tensor(vector)[None, None], n_out)[
+            0, 0
+        ].numpy()
+
+    expected = pool(np.concatenate([pool(v, dim) for v in layers]), dim)
+    np.testing.assert_allclose(
+        channel_projection(channels, dim) @ stacked, expected, rtol=1e-6
+    )
+    assert channel_projection(channels, 16) is None
+    np.testing.assert_allclose(adaptive_pool_matrix(7, 3).sum(axis=1), 1.0)
+
+
+def test_lite0_features_and_pickle():
+    images = np.random.default_rng(3).random((3, 70, 90, 3))
+    extractor = PatchFeatureExtractor(
+        "efficientnet_lite0", image_size=64, resize=72, batch_size=2
+    ).fit()
+    features = extractor.transform(images)
+    assert features.shape == (3, 8, 8, 152) and features.dtype == np.float32
+    assert extractor.layers_ == ("stage3", "stage5")
+    restored = pickle.loads(pickle.dumps(extractor))
+    np.testing.assert_array_equal(restored.transform(images), features)
+
+
+def test_parameter_errors():
+    with pytest.raises(ValueError, match="odd"):
+        PatchFeatureExtractor("efficientnet_lite0", patch_size=4).fit()
+    with pytest.raises(ValueError, match="resize"):
+        PatchFeatureExtractor("efficientnet_lite0", image_size=64, resize=32).fit()
+    with pytest.raises(ValueError, match="layers must be given"):
+        PatchFeatureExtractor(TwoLayers()).fit()
