@@ -488,13 +488,30 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         """
         return [m > self.pixel_threshold_ for m in self.anomaly_maps(X)]
 
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        searcher = state.pop("_searcher", None)
+        if searcher is not None:
+            # joblib does not share arrays between references: saving the
+            # searcher would store the memory bank twice.
+            state["_searcher"] = (searcher.random_state, searcher._index)
+        return state
+
     def __setstate__(self, state):
+        searcher = state.pop("_searcher", None)
         super().__setstate__(state)
-        if "feature_extractor_" in state:
+        if searcher is not None:
             # The extractor falls back to the CPU when the saved device is
             # missing here; the searches follow it.
             self.device_ = self.feature_extractor_.device_
-            self._searcher.device = self.device_
+            random_state, index = searcher
+            self._searcher = MemoryBank(
+                self.memory_bank_,
+                algorithm=self.nn_algorithm,
+                random_state=random_state,
+                device=self.device_,
+                index=index,
+            )
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

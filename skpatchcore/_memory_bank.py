@@ -34,6 +34,9 @@ class MemoryBank:
     device : str or torch.device, default="cpu"
         Where exact searches run.
 
+    index : pynndescent.NNDescent, default=None
+        A prepared index of ``features`` to reuse instead of building one.
+
     Notes
     -----
     Exact search ranks candidates with a float32 matrix product, then
@@ -43,7 +46,9 @@ class MemoryBank:
     how queries are split into blocks or batches.
     """
 
-    def __init__(self, features, algorithm="exact", random_state=0, device="cpu"):
+    def __init__(
+        self, features, algorithm="exact", random_state=0, device="cpu", index=None
+    ):
         if not (features.dtype == np.float32 and features.flags.c_contiguous):
             features = np.ascontiguousarray(features, dtype=np.float32)
         # Held by reference, so that a pickled detector stores its bank once.
@@ -51,8 +56,8 @@ class MemoryBank:
         self.algorithm = algorithm
         self.random_state = random_state
         self.device = torch.device(device)
-        self._index = None
-        if algorithm == "pynndescent":
+        self._index = index
+        if algorithm == "pynndescent" and index is None:
             self._build_index()
 
     def __len__(self):

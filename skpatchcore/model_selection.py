@@ -6,6 +6,8 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold, check_cv
 from sklearn.utils import check_array
 
+__all__ = ["NoveltyCV"]
+
 
 class NoveltyCV:
     """Cross-validator whose training folds keep only normal (+1) samples.

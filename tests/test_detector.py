@@ -265,10 +265,14 @@ def test_coreset_size_and_pynndescent(fast_detector, elpv_small):
     assert fast_detector.memory_bank_.dtype == np.float32
     approximate = clone(fast_detector).set_params(nn_algorithm="pynndescent")
     approximate.fit(elpv_small.train_images)
+    scores = approximate.score_samples(elpv_small.test_images)
     np.testing.assert_allclose(
-        approximate.score_samples(elpv_small.test_images),
-        fast_detector.score_samples(elpv_small.test_images),
-        rtol=0.05,
+        scores, fast_detector.score_samples(elpv_small.test_images), rtol=0.05
+    )
+    restored = pickle.loads(pickle.dumps(approximate))
+    assert restored._searcher._index is not None
+    np.testing.assert_array_equal(
+        restored.score_samples(elpv_small.test_images), scores
     )
 
 
