@@ -103,3 +103,14 @@ def test_rejects_bad_sizes(n_samples):
             projection_dim=None,
             random_state=np.random.RandomState(0),
         )
+
+
+def test_thread_setting_is_restored():
+    import torch
+
+    before = torch.get_num_threads()
+    points = np.random.default_rng(4).normal(size=(50, 3)).astype(np.float32)
+    greedy_coreset(
+        points, 5, projection_dim=None, random_state=np.random.RandomState(0)
+    )
+    assert torch.get_num_threads() == before
