@@ -163,10 +163,16 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
 
     Notes
     -----
-    Scores. ``score_samples`` is minus the eq. 7 score ``s`` (see
-    :func:`skpatchcore._scoring.reweighted_scores` for the exact formula), so
-    higher means more normal. Patch distances are Euclidean distances to the
-    nearest memory-bank feature; anomaly maps hold these raw distances (not
+    Scores. ``score_samples`` is minus the eq. 7 score ``s``, so higher means
+    more normal: with ``s*`` the largest patch distance of the image, reached
+    by test patch ``m_test`` whose nearest bank feature is ``m*``, and
+    ``N_b(m*)`` the ``b`` bank features nearest to ``m*`` (``m*`` first),
+    ``s = (1 - exp(s*) / sum_{m in N_b(m*)} exp(|m_test - m|)) * s*``,
+    evaluated as ``-expm1(s* - logsumexp(...)) * s*`` so that it neither
+    overflows nor loses precision; ``b = 1`` gives ``s = s*``.
+
+    Maps. Patch distances are Euclidean distances to the nearest memory-bank
+    feature; anomaly maps hold these raw distances (not
     re-weighted), bilinearly upsampled to the model input, smoothed with a
     Gaussian of ``sigma``, and mapped back through the inverse resize; the
     band cut away by the centre crop takes the nearest scored value.
@@ -179,14 +185,14 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
     largest anomaly-map value (their maximum for "auto"). At least two
     training images are therefore needed.
 
-    Model selection. Labels follow ``predict``: +1 normal, -1 anomalous. With
-    ``GridSearchCV(..., scoring="roc_auc")`` the positive class is +1 and the
-    score is ``decision_function`` (higher is more normal), which gives the
-    usual anomaly-detection AUROC. As the detector must be fitted on normal
-    images only, cross-validate with a :class:`~sklearn.pipeline.Pipeline`-
-    free recipe: split with ``StratifiedKFold``, pass the normal images of
-    each training fold to ``fit`` (``y`` is ignored, so filter them first),
-    and score on folds holding both classes; see the examples.
+    Model selection. Labels follow ``predict``: +1 normal, -1 anomalous.
+    With ``GridSearchCV(..., scoring="roc_auc")`` the positive class is +1
+    and the score is ``decision_function`` (higher is more normal), which
+    gives the usual anomaly-detection AUROC. As the detector must be fitted
+    on normal images only, pass ``cv=NoveltyCV(StratifiedKFold(...))``
+    (:class:`~skpatchcore.model_selection.NoveltyCV` drops anomalies from the
+    training folds), use ``refit=False``, and fit the best parameters on the
+    normal images.
 
     References
     ----------

@@ -336,7 +336,7 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
 
         Yields
         ------
-        features : ndarray of shape (n_batch, grid_height, grid_width, feature_dim_)
+        features : ndarray of shape (n_batch, grid_height, grid_width, n_features)
             Float32 patch features of the next ``batch_size`` images (fewer in
             the last batch).
 
@@ -370,7 +370,7 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        features : ndarray of shape (n_images, grid_height, grid_width, feature_dim_)
+        features : ndarray of shape (n_images, grid_height, grid_width, n_features)
             Float32 patch features.
         """
         return np.concatenate([features for features, _ in self.iter_batches(X)])
