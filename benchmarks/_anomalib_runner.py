@@ -46,6 +46,8 @@ What anomalib 2.7.0's PatchCore does (for reading the results)
   input size, then a Gaussian blur (sigma 4, 33x33 kernel, reflect padding).
 """
 
+import contextlib
+import os
 import time
 import warnings
 from unittest import mock
@@ -156,9 +158,21 @@ def _build_model(backbone_module, layers, num_neighbors):
     return model
 
 
-def run_anomalib_patchcore(
+def _to_batches(images, *, image_size, resize, mean, std, batch_size):
+    """Preprocess ``images`` and yield them as stacked batches."""
+    for start in range(0, len(images), batch_size):
+        yield torch.stack(
+            [
+                preprocess(
+                    image, image_size=image_size, resize=resize, mean=mean, std=std
+                )
+                for image in images[start : start + batch_size]
+            ]
+        )
+
+
+def fit_anomalib_patchcore(
     train_images,
-    test_images,
     *,
     backbone_module,
     layers,
@@ -169,14 +183,14 @@ def run_anomalib_patchcore(
     coreset_ratio=0.1,
     num_neighbors=9,
     seed=0,
-    batch_size=8,
+    batch_size=16,
 ):
-    """Fit anomalib's PatchCore on ``train_images`` and score ``test_images``.
+    """Fit anomalib's PatchCore on the nominal ``train_images``.
 
     Parameters
     ----------
-    train_images, test_images : list of ndarray
-        HxWx3 uint8 images (nominal ones for training).
+    train_images : list of ndarray
+        HxW or HxWx3 uint8 images, all nominal.
     backbone_module : torch.nn.Module
         The backbone, weights already loaded (shared, not copied; it is put
         in eval mode). Must expose the ``layers`` as named sub-modules.
@@ -198,17 +212,15 @@ def run_anomalib_patchcore(
 
     Returns
     -------
-    dict
-        ``scores``: (n_test,) float64, higher means more anomalous;
-        ``maps``: list of (image_size, image_size) float32 arrays on the
-        cropped model input; ``fit_seconds``: feature extraction + coreset
-        wall time; ``predict_ms_per_image``: scoring wall time per test
-        image (including map upsampling and blur, excluding preprocessing);
-        ``memory_bank_size``, ``embedding_dim``, ``feature_extractor``
-        ("fx" or "hooks"), ``anomalib_version``.
+    model : PatchcoreModel
+        The fitted torch model, in eval mode.
+    fit_seconds : float
+        Wall time of preprocessing, feature extraction and coreset
+        selection, the same work that ``PatchCoreDetector.fit`` times
+        (which also calibrates its thresholds).
     """
     try:
-        import anomalib
+        import anomalib  # noqa: F401
     except ImportError as exc:  # pragma: no cover - environment problem
         raise ImportError(
             "anomalib is not installed in this interpreter; see the docstring of "
@@ -221,53 +233,139 @@ def run_anomalib_patchcore(
     torch.manual_seed(seed)
     np.random.seed(seed)  # noqa: NPY002
 
-    def to_batches(images):
-        tensors = [
-            preprocess(image, image_size=image_size, resize=resize, mean=mean, std=std)
-            for image in images
-        ]
-        return [
-            torch.stack(tensors[start : start + batch_size])
-            for start in range(0, len(tensors), batch_size)
-        ]
-
     backbone_module.eval()
     model = _build_model(backbone_module, layers, num_neighbors)
-    train_batches = to_batches(train_images)
-    test_batches = to_batches(test_images)
 
     # Training: forward in train mode stores patch embeddings (the feature
     # extractor itself is forced to eval mode by anomalib), then coreset.
     start = time.perf_counter()
     model.train()
     with torch.no_grad():
-        for batch in train_batches:
+        for batch in _to_batches(
+            train_images,
+            image_size=image_size,
+            resize=resize,
+            mean=mean,
+            std=std,
+            batch_size=batch_size,
+        ):
             model(batch)
-        # Silence the coreset progress bar (a plain pass-through iterator) and
-        # anomalib's spurious "Argument embeddings is deprecated" warning.
+        # Silence the coreset progress bar and anomalib's spurious "Argument
+        # embeddings is deprecated" warning. The bar is sent to the null
+        # device rather than replaced, so anomalib runs its own code: its
+        # memory use in this loop depends on how the allocator interleaves the
+        # bar's small objects with the large distance temporaries.
         with (
             warnings.catch_warnings(),
-            mock.patch(
-                "anomalib.models.components.sampling.k_center_greedy.tqdm",
-                lambda iterable, **kwargs: iterable,
-            ),
+            open(os.devnull, "w") as devnull,
+            contextlib.redirect_stderr(devnull),
         ):
             warnings.simplefilter("ignore", DeprecationWarning)
             model.subsample_embedding(coreset_ratio)
     fit_seconds = time.perf_counter() - start
-
     model.eval()
+    return model, fit_seconds
+
+
+def predict_anomalib_patchcore(
+    model, test_images, *, mean, std, image_size=224, resize=256, batch_size=16
+):
+    """Score ``test_images`` with a fitted anomalib ``PatchcoreModel``.
+
+    Parameters
+    ----------
+    model : PatchcoreModel
+        As returned by :func:`fit_anomalib_patchcore`.
+    test_images : list of ndarray
+        HxW or HxWx3 uint8 images.
+    mean, std, image_size, resize, batch_size
+        As given to :func:`fit_anomalib_patchcore`.
+
+    Returns
+    -------
+    scores : ndarray of shape (n_test,)
+        Float64 image scores, higher means more anomalous.
+    maps : list of ndarray of shape (image_size, image_size)
+        Float32 anomaly maps on the cropped model input.
+    seconds : float
+        Wall time of preprocessing and of the forward passes (one per batch,
+        giving scores and maps together, map upsampling and blur included).
+    """
     scores, maps = [], []
     start = time.perf_counter()
     with torch.no_grad():
-        for batch in test_batches:
+        for batch in _to_batches(
+            test_images,
+            image_size=image_size,
+            resize=resize,
+            mean=mean,
+            std=std,
+            batch_size=batch_size,
+        ):
             output = model(batch)
             scores.append(output.pred_score.reshape(-1).double().numpy())
             maps.extend(m[0].float().numpy() for m in output.anomaly_map)
-    predict_seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return np.concatenate(scores), maps, seconds
 
+
+def run_anomalib_patchcore(
+    train_images,
+    test_images,
+    *,
+    backbone_module,
+    layers,
+    mean,
+    std,
+    image_size=224,
+    resize=256,
+    coreset_ratio=0.1,
+    num_neighbors=9,
+    seed=0,
+    batch_size=16,
+):
+    """Fit anomalib's PatchCore on ``train_images`` and score ``test_images``.
+
+    Parameters are those of :func:`fit_anomalib_patchcore`, plus
+    ``test_images`` (HxW or HxWx3 uint8 images to score).
+
+    Returns
+    -------
+    dict
+        ``scores``: (n_test,) float64, higher means more anomalous;
+        ``maps``: list of (image_size, image_size) float32 arrays on the
+        cropped model input; ``fit_seconds``: preprocessing + feature
+        extraction + coreset wall time; ``predict_ms_per_image``:
+        preprocessing + scoring wall time per test image (map upsampling and
+        blur included); ``memory_bank_size``, ``embedding_dim``,
+        ``feature_extractor`` ("fx" or "hooks"), ``anomalib_version``.
+    """
+    import anomalib
+
+    model, fit_seconds = fit_anomalib_patchcore(
+        train_images,
+        backbone_module=backbone_module,
+        layers=layers,
+        mean=mean,
+        std=std,
+        image_size=image_size,
+        resize=resize,
+        coreset_ratio=coreset_ratio,
+        num_neighbors=num_neighbors,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    scores, maps, predict_seconds = predict_anomalib_patchcore(
+        model,
+        test_images,
+        mean=mean,
+        std=std,
+        image_size=image_size,
+        resize=resize,
+        batch_size=batch_size,
+    )
     return {
-        "scores": np.concatenate(scores) if scores else np.empty(0),
+        "scores": scores,
         "maps": maps,
         "fit_seconds": fit_seconds,
         "predict_ms_per_image": 1000.0 * predict_seconds / max(1, len(test_images)),

@@ -293,15 +293,18 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         padding = self.patch_size // 2
         aggregated = []
         for feature_map in maps:
-            # Averaging only over positions inside the map keeps border patches
-            # on the same scale as interior ones.
+            # Zero padding counted in the mean, as in the paper's reference
+            # code: it shrinks the one-patch frame, where the backbone's own
+            # padding makes features least reliable, and so damps its scores.
+            # Measured on ELPV poly, image AUROC 0.78 -> 0.88; on MPDD, AUPRO
+            # 0.913 -> 0.943 (docs/results.rst).
             aggregated.append(
                 F.avg_pool2d(
                     feature_map,
                     kernel_size=self.patch_size,
                     stride=self.patch_stride,
                     padding=padding,
-                    count_include_pad=False,
+                    count_include_pad=True,
                 )
             )
         grid = aggregated[0].shape[2:]

@@ -1,3 +1,4 @@
+import copy
 import pickle
 
 import joblib
@@ -125,6 +126,20 @@ def test_anomaly_maps_follow_each_image(fast_detector, cell_arrays):
         assert abs(row - (height // 4 + 6)) < height / 8
         assert abs(col - (width // 2 + 20)) < width / 8
         assert anomaly_map[height // 4 + 6, width // 2 + 20] > clean_map.max()
+
+
+def test_anomaly_maps_with_score_samples_in_one_pass(fast_detector, cell_arrays):
+    images = list(cell_arrays[:5])
+    images[2] = images[2][:150, :200]
+    # Batches of 2, so that the scores of several batches are put together.
+    detector = copy.deepcopy(fast_detector).set_params(batch_size=2)
+    maps, scores = detector.anomaly_maps(images, return_score_samples=True)
+    expected_maps = detector.anomaly_maps(images)
+    expected_scores = detector.score_samples(images)
+    np.testing.assert_array_equal(scores, expected_scores)
+    assert len(maps) == len(expected_maps) == 5
+    for anomaly_map, expected in zip(maps, expected_maps):
+        np.testing.assert_array_equal(anomaly_map, expected)
 
 
 def test_input_forms_agree(fast_detector, cell_arrays, tmp_path):

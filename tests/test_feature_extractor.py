@@ -22,7 +22,7 @@ class TwoLayers(torch.nn.Module):
 
 
 def neighbourhood_mean(image, p, stride=1):
-    """Eq. 1-3 by hand: mean over the p x p neighbourhood inside the map."""
+    """Eq. 1-3 by hand: p x p neighbourhood sums over p**2, zeros outside the map."""
     height, width, _ = image.shape
     half = p // 2
     out = np.empty_like(image)
@@ -31,7 +31,7 @@ def neighbourhood_mean(image, p, stride=1):
             window = image[
                 max(0, h - half) : h + half + 1, max(0, w - half) : w + half + 1
             ]
-            out[h, w] = window.mean(axis=(0, 1))
+            out[h, w] = window.sum(axis=(0, 1)) / p**2
     return out[::stride, ::stride]
 
 

@@ -1,0 +1,511 @@
+"""Detection quality of skpatchcore against anomalib's PatchCore.
+
+Fits skpatchcore's :class:`~skpatchcore.PatchCoreDetector` and anomalib's
+``PatchcoreModel`` (through ``_anomalib_runner.py``) on the same data sets,
+with the same backbone module and weights, image size, resize, coreset ratio
+and re-weighting neighbours, and prints one markdown table: image AUROC,
+pixel AUROC, AUPRO, fit seconds, predict milliseconds per image and peak
+memory of each (data set, method) run.
+
+Every run happens in its own child process, so that its peak resident memory
+is that child's own (``os.wait4``); anomalib runs under a separate
+interpreter (``--anomalib-python``) where anomalib is installed. See
+``benchmarks/README.rst`` for the set-up and for what exactly is timed.
+
+Usage, from the repository root::
+
+    python benchmarks/quality.py
+    python benchmarks/quality.py --train-size 10 --n-test 10   # plumbing check
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+BACKBONE = "efficientnet_lite0"
+IMAGE_SIZE = 224
+RESIZE = 256
+METHODS = ("skpatchcore", "anomalib")
+DATASETS = {
+    "mpdd_metal_plate": "MPDD metal_plate",
+    "elpv_mono": "ELPV mono",
+    "elpv_poly": "ELPV poly",
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--mpdd",
+        default=os.path.normpath(REPO / ".." / "shared" / "data" / "mpdd_metal_plate"),
+        help="MVTec-style folder of MPDD metal_plate (skipped when absent)",
+    )
+    parser.add_argument(
+        "--datasets",
+        default=",".join(DATASETS),
+        help=f"comma-separated subset of {', '.join(DATASETS)}",
+    )
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated subset of {', '.join(METHODS)}",
+    )
+    parser.add_argument(
+        "--train-size",
+        type=int,
+        default=100,
+        help="normal ELPV cells to train on (MPDD always uses all 54)",
+    )
+    parser.add_argument(
+        "--n-test",
+        type=int,
+        default=50,
+        help="ELPV test cells of each class, normal and defective (at most)",
+    )
+    parser.add_argument(
+        "--mpdd-subset",
+        action="store_true",
+        help="cut MPDD to --train-size training images and --n-test test "
+        "images of each class too (plumbing checks); by default MPDD is used whole",
+    )
+    parser.add_argument("--coreset-ratio", type=float, default=0.1)
+    parser.add_argument("--num-neighbors", type=int, default=9)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="random_state of skpatchcore, torch/numpy seed of anomalib, and the "
+        "ELPV split",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="prediction passes over the test set; the median time is reported",
+    )
+    parser.add_argument(
+        "--anomalib-python",
+        default="/tmp/anomalib-venv/bin/python",
+        help="interpreter with anomalib installed (rows skipped when unusable)",
+    )
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.datasets = _split_choices(parser, "--datasets", args.datasets, DATASETS)
+    args.methods = _split_choices(parser, "--methods", args.methods, METHODS)
+    for name in ("train_size", "n_test", "repeat", "batch_size", "num_neighbors"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 < args.coreset_ratio <= 1:
+        parser.error("--coreset-ratio must be in (0, 1]")
+    return args
+
+
+def _split_choices(parser, option, value, known):
+    chosen = [item.strip() for item in value.split(",") if item.strip()]
+    unknown = [item for item in chosen if item not in known]
+    if unknown or not chosen:
+        parser.error(f"{option} takes a comma-separated subset of {', '.join(known)}")
+    return chosen
+
+
+def load_dataset(name, args, lazy=False):
+    """Train images, test images, test labels (+1/-1) and test masks.
+
+    Images are uint8 arrays, or paths if ``lazy``. Masks are boolean arrays
+    (paths if ``lazy``) or None for a good image; the whole list is None when
+    the data set has no pixel ground truth.
+    """
+    from skpatchcore.datasets import load_elpv, load_mvtec_folder
+
+    if name == "mpdd_metal_plate":
+        data = load_mvtec_folder(args.mpdd, lazy=lazy)
+        train, test = data.train_images, data.test_images
+        labels, masks = data.test_labels, data.test_masks
+        if args.mpdd_subset:
+            train = train[: args.train_size]
+            keep = np.concatenate(
+                [np.flatnonzero(labels == c)[: args.n_test] for c in (1, -1)]
+            )
+            keep.sort()
+            test = [test[i] for i in keep]
+            labels, masks = labels[keep], [masks[i] for i in keep]
+        return train, test, labels, masks
+    data = load_elpv(
+        name.removeprefix("elpv_"),
+        train_size=args.train_size,
+        n_test_normal=args.n_test,
+        n_test_defective=args.n_test,
+        lazy=lazy,
+        random_state=args.seed,
+    )
+    return data.train_images, data.test_images, data.test_labels, None
+
+
+def dataset_notes(args):
+    """Data sets to run, and a note for each one skipped."""
+    runnable, notes = [], []
+    for name in args.datasets:
+        if name == "mpdd_metal_plate" and not Path(args.mpdd).is_dir():
+            notes.append(f"{DATASETS[name]} skipped: no folder {args.mpdd}.")
+            continue
+        if name.startswith("elpv"):
+            try:
+                import elpv_dataset  # noqa: F401
+            except ImportError:
+                notes.append(
+                    f"{DATASETS[name]} skipped: the elpv-dataset package is not "
+                    "installed."
+                )
+                continue
+        runnable.append(name)
+    return runnable, notes
+
+
+def anomalib_status(python):
+    """None when ``python`` imports anomalib, else why it cannot be used."""
+    if not Path(python).is_file():
+        return f"no interpreter {python}"
+    check = subprocess.run(
+        [python, "-c", "import anomalib; print(anomalib.__version__)"],
+        capture_output=True,
+        text=True,
+    )
+    if check.returncode != 0:
+        return f"{python} cannot import anomalib"
+    return None
+
+
+def _peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _fit_predict_skpatchcore(train, test, args):
+    from skpatchcore import PatchCoreDetector
+
+    detector = PatchCoreDetector(
+        backbone=BACKBONE,
+        image_size=IMAGE_SIZE,
+        resize=RESIZE,
+        coreset_ratio=args.coreset_ratio,
+        n_reweight_neighbors=args.num_neighbors,
+        batch_size=args.batch_size,
+        device="cpu",
+        random_state=args.seed,
+    )
+    start = time.perf_counter()
+    detector.fit(train)
+    fit_seconds = time.perf_counter() - start
+
+    predict_times, score_times = [], []
+    for _ in range(args.repeat):
+        start = time.perf_counter()
+        maps, score_samples = detector.anomaly_maps(test, return_score_samples=True)
+        predict_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        detector.score_samples(test)
+        score_times.append(time.perf_counter() - start)
+    scores = -score_samples
+    return {
+        "scores": scores,
+        "maps": maps,
+        "fit_seconds": fit_seconds,
+        "predict_seconds": float(np.median(predict_times)),
+        "score_seconds": float(np.median(score_times)),
+        "memory_bank_size": int(detector.memory_bank_.shape[0]),
+        "embedding_dim": int(detector.memory_bank_.shape[1]),
+    }
+
+
+def _fit_predict_anomalib(train, test, args):
+    from _anomalib_runner import fit_anomalib_patchcore, predict_anomalib_patchcore
+
+    from skpatchcore._anomaly_maps import to_original_geometry
+    from skpatchcore._backbones import load_backbone
+    from skpatchcore._images import input_geometry
+
+    start = time.perf_counter()
+    module, layers, mean, std = load_backbone(BACKBONE)
+    model, _ = fit_anomalib_patchcore(
+        train,
+        backbone_module=module,
+        layers=layers,
+        mean=mean,
+        std=std,
+        image_size=IMAGE_SIZE,
+        resize=RESIZE,
+        coreset_ratio=args.coreset_ratio,
+        num_neighbors=args.num_neighbors,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    fit_seconds = time.perf_counter() - start
+
+    predict_times = []
+    for _ in range(args.repeat):
+        start = time.perf_counter()
+        scores, input_maps, _ = predict_anomalib_patchcore(
+            model,
+            test,
+            mean=mean,
+            std=std,
+            image_size=IMAGE_SIZE,
+            resize=RESIZE,
+            batch_size=args.batch_size,
+        )
+        # Back onto the original image exactly as skpatchcore does, so that
+        # both methods are scored against the same full-resolution masks.
+        maps = [
+            to_original_geometry(
+                input_map, input_geometry(*image.shape[:2], IMAGE_SIZE, RESIZE)
+            )
+            for input_map, image in zip(input_maps, test)
+        ]
+        predict_times.append(time.perf_counter() - start)
+    return {
+        "scores": scores,
+        "maps": maps,
+        "fit_seconds": fit_seconds,
+        "predict_seconds": float(np.median(predict_times)),
+        "score_seconds": None,
+        "memory_bank_size": int(model.memory_bank.shape[0]),
+        "embedding_dim": int(model.memory_bank.shape[1]),
+        "feature_extractor": (
+            "hooks" if hasattr(model, "fx_fallback_reason") else "torch.fx"
+        ),
+    }
+
+
+def worker(args):
+    """Fit and score one method on one data set; write the results to disk."""
+    dataset, method = args.worker
+    out = Path(args.worker_out)
+    import torch
+
+    if method == "anomalib":
+        sys.path.insert(0, str(HERE))
+        with warnings.catch_warnings():
+            # anomalib's imports warn about deprecated timm/dinov2 modules.
+            warnings.simplefilter("ignore", FutureWarning)
+            import anomalib
+            import anomalib.models.image.patchcore.torch_model  # noqa: F401
+        version = anomalib.__version__
+    else:
+        import skpatchcore
+
+        version = skpatchcore.__version__
+    train, test, labels, masks = load_dataset(dataset, args)
+    baseline_mib = _peak_rss_mib()
+    run = _fit_predict_skpatchcore if method == "skpatchcore" else _fit_predict_anomalib
+    result = run(train, test, args)
+    result["peak_rss_in_run_mib"] = _peak_rss_mib()
+    if masks is not None:
+        np.savez(out / "maps.npz", *result["maps"])
+    np.save(out / "scores.npy", np.asarray(result.pop("scores"), dtype=np.float64))
+    del result["maps"]
+    result.update(
+        version=version,
+        torch_threads=torch.get_num_threads(),
+        baseline_rss_mib=baseline_mib,
+        n_train=len(train),
+        n_test=len(test),
+        n_defective=int(np.sum(labels == -1)),
+    )
+    (out / "result.json").write_text(json.dumps(result))
+
+
+def _worker_command(python, dataset, method, out, args):
+    command = [
+        python,
+        str(Path(__file__).resolve()),
+        "--worker",
+        dataset,
+        method,
+        "--worker-out",
+        str(out),
+        "--mpdd",
+        args.mpdd,
+        "--train-size",
+        str(args.train_size),
+        "--n-test",
+        str(args.n_test),
+        "--coreset-ratio",
+        str(args.coreset_ratio),
+        "--num-neighbors",
+        str(args.num_neighbors),
+        "--batch-size",
+        str(args.batch_size),
+        "--seed",
+        str(args.seed),
+        "--repeat",
+        str(args.repeat),
+    ]
+    if args.mpdd_subset:
+        command.append("--mpdd-subset")
+    return command
+
+
+def run_child(command):
+    """Run ``command``; return its exit code, wall seconds and peak RSS (MiB)."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=REPO)
+    # wait4 gives the resource usage of this child alone (RUSAGE_CHILDREN
+    # would be the maximum over every child so far).
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, time.perf_counter() - start, usage.ru_maxrss / 1024.0
+
+
+def score_run(out, labels, masks):
+    """Image AUROC, pixel AUROC and AUPRO of one run's saved outputs."""
+    from skpatchcore.datasets import load_mask
+    from skpatchcore.metrics import aupro, image_auroc, pixel_auroc
+
+    scores = np.load(out / "scores.npy")
+    metrics = {"image_auroc": image_auroc(labels, -scores)}
+    if masks is None:
+        metrics["pixel_auroc"] = metrics["aupro"] = None
+        return metrics
+    with np.load(out / "maps.npz") as saved:
+        maps = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+    masks = [None if mask is None else load_mask(mask) for mask in masks]
+    metrics["pixel_auroc"] = pixel_auroc(masks, maps)
+    metrics["aupro"] = aupro(masks, maps)
+    return metrics
+
+
+def _cell(value, digits):
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(rows):
+    header = (
+        "| data set | method | image AUROC | pixel AUROC | AUPRO | fit s "
+        "| predict ms/img | scores-only ms/img | peak MiB |"
+    )
+    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+    for row in rows:
+        score_ms = row["score_seconds"]
+        cells = [
+            DATASETS[row["dataset"]],
+            row["method"],
+            _cell(row["image_auroc"], 3),
+            _cell(row["pixel_auroc"], 3),
+            _cell(row["aupro"], 3),
+            f"{row['fit_seconds']:.1f}",
+            f"{1000 * row['predict_seconds'] / row['n_test']:.0f}",
+            "—" if score_ms is None else f"{1000 * score_ms / row['n_test']:.0f}",
+            f"{row['peak_mib']:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine_note():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return f"{cpu}, {cores or os.cpu_count()} usable cores, {platform.platform()}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    started = time.perf_counter()
+    command = "python " + shlex.join(
+        [os.path.relpath(__file__, REPO), *(sys.argv[1:] if argv is None else argv)]
+    )
+    datasets, notes = dataset_notes(args)
+    methods = list(args.methods)
+    if "anomalib" in methods:
+        problem = anomalib_status(args.anomalib_python)
+        if problem is not None:
+            methods.remove("anomalib")
+            notes.append(f"anomalib rows skipped: {problem}.")
+    interpreters = {"skpatchcore": sys.executable, "anomalib": args.anomalib_python}
+
+    rows, details = [], []
+    with tempfile.TemporaryDirectory(prefix="skpatchcore-quality-") as tmp:
+        for dataset in datasets:
+            labels = masks = None
+            for method in methods:
+                print(f"[quality] {DATASETS[dataset]} / {method} ...", flush=True)
+                out = Path(tmp) / f"{dataset}-{method}"
+                out.mkdir()
+                code, wall, peak = run_child(
+                    _worker_command(interpreters[method], dataset, method, out, args)
+                )
+                if code != 0:
+                    notes.append(
+                        f"{DATASETS[dataset]} / {method} failed (exit code {code})."
+                    )
+                    continue
+                if labels is None:
+                    _, _, labels, masks = load_dataset(dataset, args, lazy=True)
+                result = json.loads((out / "result.json").read_text())
+                row = {"dataset": dataset, "method": method, "peak_mib": peak}
+                row.update(result)
+                row.update(score_run(out, labels, masks))
+                rows.append(row)
+                details.append(
+                    f"{DATASETS[dataset]} / {method} {result['version']}: "
+                    f"{result['n_train']} train, {result['n_test']} test "
+                    f"({result['n_defective']} defective); memory bank "
+                    f"{result['memory_bank_size']} x {result['embedding_dim']}; "
+                    f"RSS after imports and data {result['baseline_rss_mib']:.0f} "
+                    f"MiB; {result['torch_threads']} torch threads; child wall "
+                    f"{wall:.0f} s"
+                )
+
+    today = datetime.date.today().isoformat()
+    print()
+    print(f"Date: {today}")
+    print(f"Command: {command}")
+    print(f"Machine: {machine_note()}")
+    print(
+        f"Settings: backbone {BACKBONE} (ImageNet weights), image_size "
+        f"{IMAGE_SIZE}, resize {RESIZE}, coreset_ratio {args.coreset_ratio}, "
+        f"{args.num_neighbors} re-weighting neighbours, batch size "
+        f"{args.batch_size}, seed {args.seed}, CPU, median of {args.repeat} "
+        "prediction passes"
+    )
+    print()
+    print(markdown_table(rows))
+    print()
+    for line in details + notes:
+        print(f"- {line}")
+    print()
+    print(f"Total run time: {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
