@@ -15,7 +15,6 @@ feature maps:
 
 import copy
 import os
-import pickle
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -301,7 +300,11 @@ def _read_state_dict(path):
     """
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:
+    except OSError:
+        raise
+    except Exception as exc:
+        # On a file that is not a torch.save archive the unpickler fails with
+        # whatever it trips on: UnpicklingError, IndexError, KeyError, ...
         raise ValueError(
             f"weights file {os.fspath(path)!r} is not a state dict saved by "
             f"torch.save: {exc}"

@@ -1,6 +1,5 @@
 """Tests for backbone resolution, weights loading and feature taps."""
 
-import os
 import sys
 from pathlib import Path
 
@@ -175,9 +174,18 @@ def test_missing_weights_file(tmp_path):
 @pytest.mark.parametrize(
     "content, match",
     [
-        (os.urandom(4096), "not a state dict saved by torch.save"),
-        (b"", "not a state dict saved by torch.save"),
-        ([1, 2, 3], "does not hold a state dict"),
+        # Random bytes that make torch's unpickler raise UnpicklingError,
+        # IndexError, UnicodeDecodeError and KeyError respectively.
+        *[
+            pytest.param(
+                np.random.default_rng(seed).bytes(4096),
+                "not a state dict saved by torch.save",
+                id=f"random-bytes-{seed}",
+            )
+            for seed in (0, 17, 54, 62)
+        ],
+        pytest.param(b"", "not a state dict saved by torch.save", id="empty"),
+        pytest.param([1, 2, 3], "does not hold a state dict", id="list"),
     ],
 )
 def test_unreadable_weights_file(tmp_path, content, match):
