@@ -1,5 +1,6 @@
 import copy
 import pickle
+import warnings
 
 import joblib
 import numpy as np
@@ -216,6 +217,23 @@ def test_joblib_round_trip_is_identical_and_small(fast_detector, elpv_small, tmp
         path.stat().st_size < fast_detector.memory_bank_.nbytes + weight_bytes + 200_000
     )
     assert loaded._searcher.features is loaded.memory_bank_
+
+
+def test_memory_mapped_load_scores_the_same(fast_detector, elpv_small, tmp_path):
+    path = tmp_path / "detector.joblib"
+    joblib.dump(fast_detector, path)
+    loaded = joblib.load(path, mmap_mode="r")
+    assert isinstance(loaded.memory_bank_, np.memmap)
+    assert not loaded.memory_bank_.flags.writeable
+    X = elpv_small.test_images
+    with warnings.catch_warnings():
+        # torch warns on read-only arrays; the bank is never written.
+        warnings.simplefilter("error")
+        scores = loaded.score_samples(X)
+        maps = loaded.anomaly_maps(X[:2])
+    np.testing.assert_array_equal(scores, fast_detector.score_samples(X))
+    for a, b in zip(maps, fast_detector.anomaly_maps(X[:2])):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_loading_needs_no_network(tmp_path, cell_arrays, monkeypatch):
