@@ -8,24 +8,8 @@ bypasses anomalib's Lightning ``Engine``, pre-processor and post-processor:
 scores and maps are the raw outputs of the torch model (no min-max
 normalisation, no thresholding).
 
-Installing anomalib
--------------------
-anomalib is *not* a dependency of skpatchcore and must not be installed into
-the interpreter used for development (it pulls lightning, timm, kornia, ...
-and could upgrade shared packages). Install it into a separate virtual
-environment that reuses the system torch/numpy/scikit-learn::
-
-    python3 -m venv --system-site-packages /tmp/anomalib-venv
-    /tmp/anomalib-venv/bin/pip install "anomalib==2.7.0"
-    /tmp/anomalib-venv/bin/python -c "import anomalib; print(anomalib.__version__)"
-    /tmp/anomalib-venv/bin/pip list | grep -E "^(torch|torchvision|numpy|scikit-learn) "
-
-anomalib 2.x declares no torch requirement in its base dependencies (torch
-comes through the ``cpu``/``cu1xx`` extras, which must not be requested), so
-the already installed torch/torchvision are kept; check with
-``/tmp/anomalib-venv/bin/pip list`` that they are unchanged. Then run the
-benchmark with ``/tmp/anomalib-venv/bin/python``. Nothing is downloaded at run
-time: the backbone is passed in as an ``nn.Module`` with its weights loaded.
+anomalib is not a dependency of skpatchcore: ``benchmarks/README.rst`` says
+how to install it into a separate virtual environment that keeps this torch.
 
 What anomalib 2.7.0's PatchCore does (for reading the results)
 --------------------------------------------------------------
@@ -48,56 +32,23 @@ What anomalib 2.7.0's PatchCore does (for reading the results)
 
 import contextlib
 import os
-import time
 import warnings
 from unittest import mock
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from skpatchcore._images import load_image, to_model_input
 
 
 def preprocess(image, *, image_size, resize, mean, std):
-    """One HxWx3 uint8 image -> normalised float32 tensor (3, image_size, image_size).
+    """One image -> normalised float32 tensor (3, image_size, image_size).
 
-    Shorter side resized to ``resize`` (bilinear, antialiased, aspect kept,
-    the longer side truncated to an integer), centre crop of side
-    ``image_size`` (offsets rounded), scaled to [0, 1], then
-    ``(x - mean) / std`` per channel. ``resize=None`` resizes straight to
-    ``image_size x image_size``. This mirrors ``skpatchcore._images``.
+    skpatchcore's own loading, resize and centre crop, then ``(x - mean) /
+    std`` per channel, so that anomalib sees exactly the estimator's input.
     """
-    array = np.asarray(image)
-    if array.ndim == 2:
-        array = np.repeat(array[:, :, None], 3, axis=2)
-    if array.ndim != 3 or array.shape[2] not in (3, 4):
-        raise ValueError(f"expected an HxWx3 image, got shape {array.shape}")
-    array = array[:, :, :3]
-    if array.dtype == np.uint8:
-        array = array.astype(np.float32) / 255.0
-    else:
-        array = array.astype(np.float32, copy=False)
-    height, width = array.shape[:2]
-    if resize is None:
-        new_h = new_w = image_size
-    elif height <= width:
-        new_h, new_w = resize, max(1, int(resize * width / height))
-    else:
-        new_h, new_w = max(1, int(resize * height / width)), resize
-    if new_h < image_size or new_w < image_size:
-        raise ValueError(f"resize={resize} is smaller than image_size={image_size}")
-    tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))[None]
-    if (new_h, new_w) != (height, width):
-        tensor = F.interpolate(
-            tensor,
-            size=(new_h, new_w),
-            mode="bilinear",
-            align_corners=False,
-            antialias=True,
-        )
-    top = int(round((new_h - image_size) / 2.0))
-    left = int(round((new_w - image_size) / 2.0))
-    tensor = tensor[0, :, top : top + image_size, left : left + image_size]
+    tensor, _ = to_model_input(load_image(np.asarray(image)), image_size, resize)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return ((tensor - mean_t) / std_t).contiguous()
@@ -214,17 +165,13 @@ def fit_anomalib_patchcore(
     -------
     model : PatchcoreModel
         The fitted torch model, in eval mode.
-    fit_seconds : float
-        Wall time of preprocessing, feature extraction and coreset
-        selection, the same work that ``PatchCoreDetector.fit`` times
-        (which also calibrates its thresholds).
     """
     try:
         import anomalib  # noqa: F401
     except ImportError as exc:  # pragma: no cover - environment problem
         raise ImportError(
-            "anomalib is not installed in this interpreter; see the docstring of "
-            "benchmarks/_anomalib_runner.py (use /tmp/anomalib-venv/bin/python)."
+            "anomalib is not installed in this interpreter; see "
+            "benchmarks/README.rst (use /tmp/anomalib-venv/bin/python)."
         ) from exc
 
     # anomalib draws the coreset start point from torch's global RNG and the
@@ -238,7 +185,6 @@ def fit_anomalib_patchcore(
 
     # Training: forward in train mode stores patch embeddings (the feature
     # extractor itself is forced to eval mode by anomalib), then coreset.
-    start = time.perf_counter()
     model.train()
     with torch.no_grad():
         for batch in _to_batches(
@@ -262,9 +208,8 @@ def fit_anomalib_patchcore(
         ):
             warnings.simplefilter("ignore", DeprecationWarning)
             model.subsample_embedding(coreset_ratio)
-    fit_seconds = time.perf_counter() - start
     model.eval()
-    return model, fit_seconds
+    return model
 
 
 def predict_anomalib_patchcore(
@@ -286,13 +231,10 @@ def predict_anomalib_patchcore(
     scores : ndarray of shape (n_test,)
         Float64 image scores, higher means more anomalous.
     maps : list of ndarray of shape (image_size, image_size)
-        Float32 anomaly maps on the cropped model input.
-    seconds : float
-        Wall time of preprocessing and of the forward passes (one per batch,
-        giving scores and maps together, map upsampling and blur included).
+        Float32 anomaly maps on the cropped model input, from the same
+        forward passes (one per batch) as the scores.
     """
     scores, maps = [], []
-    start = time.perf_counter()
     with torch.no_grad():
         for batch in _to_batches(
             test_images,
@@ -305,72 +247,4 @@ def predict_anomalib_patchcore(
             output = model(batch)
             scores.append(output.pred_score.reshape(-1).double().numpy())
             maps.extend(m[0].float().numpy() for m in output.anomaly_map)
-    seconds = time.perf_counter() - start
-    return np.concatenate(scores), maps, seconds
-
-
-def run_anomalib_patchcore(
-    train_images,
-    test_images,
-    *,
-    backbone_module,
-    layers,
-    mean,
-    std,
-    image_size=224,
-    resize=256,
-    coreset_ratio=0.1,
-    num_neighbors=9,
-    seed=0,
-    batch_size=16,
-):
-    """Fit anomalib's PatchCore on ``train_images`` and score ``test_images``.
-
-    Parameters are those of :func:`fit_anomalib_patchcore`, plus
-    ``test_images`` (HxW or HxWx3 uint8 images to score).
-
-    Returns
-    -------
-    dict
-        ``scores``: (n_test,) float64, higher means more anomalous;
-        ``maps``: list of (image_size, image_size) float32 arrays on the
-        cropped model input; ``fit_seconds``: preprocessing + feature
-        extraction + coreset wall time; ``predict_ms_per_image``:
-        preprocessing + scoring wall time per test image (map upsampling and
-        blur included); ``memory_bank_size``, ``embedding_dim``,
-        ``feature_extractor`` ("fx" or "hooks"), ``anomalib_version``.
-    """
-    import anomalib
-
-    model, fit_seconds = fit_anomalib_patchcore(
-        train_images,
-        backbone_module=backbone_module,
-        layers=layers,
-        mean=mean,
-        std=std,
-        image_size=image_size,
-        resize=resize,
-        coreset_ratio=coreset_ratio,
-        num_neighbors=num_neighbors,
-        seed=seed,
-        batch_size=batch_size,
-    )
-    scores, maps, predict_seconds = predict_anomalib_patchcore(
-        model,
-        test_images,
-        mean=mean,
-        std=std,
-        image_size=image_size,
-        resize=resize,
-        batch_size=batch_size,
-    )
-    return {
-        "scores": scores,
-        "maps": maps,
-        "fit_seconds": fit_seconds,
-        "predict_ms_per_image": 1000.0 * predict_seconds / max(1, len(test_images)),
-        "memory_bank_size": int(model.memory_bank.shape[0]),
-        "embedding_dim": int(model.memory_bank.shape[1]),
-        "feature_extractor": "hooks" if hasattr(model, "fx_fallback_reason") else "fx",
-        "anomalib_version": anomalib.__version__,
-    }
+    return np.concatenate(scores), maps

@@ -245,7 +245,7 @@ def _fit_predict_anomalib(train, test, args):
 
     start = time.perf_counter()
     module, layers, mean, std = load_backbone(BACKBONE)
-    model, _ = fit_anomalib_patchcore(
+    model = fit_anomalib_patchcore(
         train,
         backbone_module=module,
         layers=layers,
@@ -263,7 +263,7 @@ def _fit_predict_anomalib(train, test, args):
     predict_times = []
     for _ in range(args.repeat):
         start = time.perf_counter()
-        scores, input_maps, _ = predict_anomalib_patchcore(
+        scores, input_maps = predict_anomalib_patchcore(
             model,
             test,
             mean=mean,
