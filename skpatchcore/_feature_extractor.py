@@ -145,8 +145,10 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
     feature_dim_ : int
         Length of each patch feature.
 
-    model_ : torch.nn.Module
-        The backbone truncated after its last used layer.
+    model_ : LayerTaps
+        The backbone, tapped at ``layers_`` with forward hooks; the
+        submodules that do not run before the last of them are replaced by
+        ``torch.nn.Identity``.
 
     See Also
     --------
@@ -244,21 +246,22 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         self.layers_ = check_layers(module, layers)
         self.mean_, self.std_ = tuple(mean), tuple(std)
         self.device_ = resolve_device(self.device)
-        self._set_network(build_feature_network(module, self.layers_))
-        self._probe_grid()
+        self._probe_grid(module)
         return self
 
     def _set_network(self, network):
         self.model_ = network.to(self.device_).eval()
 
-    def _probe_grid(self):
-        """Run one blank image through the network to learn the layer shapes."""
+    def _probe_grid(self, module):
+        """Tap the backbone, then learn the layer shapes from one blank image."""
         too_small = ValueError(
             f"image_size={self.image_size} is too small for the backbone's "
             f"layers {self.layers_}."
         )
         blank = torch.zeros(1, 3, self.image_size, self.image_size)
         try:
+            network = build_feature_network(module, self.layers_, self.image_size)
+            self._set_network(network)
             with torch.inference_mode():
                 maps = self._layer_maps(blank.to(self.device_))
         except RuntimeError as exc:
@@ -281,6 +284,11 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         outputs = self.model_(batch)
         maps = [outputs[name] for name in self.layers_]
         for name, feature_map in zip(self.layers_, maps):
+            if not isinstance(feature_map, torch.Tensor):
+                raise ValueError(
+                    f"Layer {name!r} returns a {type(feature_map).__name__}, not a "
+                    "tensor; a feature map (N, C, H, W) is needed."
+                )
             if feature_map.ndim != 4:
                 raise ValueError(
                     f"Layer {name!r} returns a tensor of shape "
@@ -326,7 +334,7 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
             features = self._aggregate(self._layer_maps(batch))
         return features.permute(0, 2, 3, 1).float().cpu().numpy()
 
-    def iter_batches(self, X):
+    def iter_batches(self, X, batch_size=None):
         """Yield the patch features of ``X`` batch by batch, with geometries.
 
         Images are loaded one batch at a time, so that a long list of image
@@ -336,6 +344,9 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         ----------
         X : array-like or list of images
             Images in any form accepted by :meth:`transform`.
+
+        batch_size : int, default=None
+            Images per forward pass; None takes the ``batch_size`` parameter.
 
         Yields
         ------
@@ -349,10 +360,11 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         sources = check_images(X)
-        n_batches = -(-len(sources) // self.batch_size)
-        for number, start in enumerate(range(0, len(sources), self.batch_size)):
+        batch_size = self.batch_size if batch_size is None else batch_size
+        n_batches = -(-len(sources) // batch_size)
+        for number, start in enumerate(range(0, len(sources), batch_size)):
             inputs, geometries = [], []
-            for source in sources[start : start + self.batch_size]:
+            for source in sources[start : start + batch_size]:
                 tensor, geometry = to_model_input(
                     load_image(source), self.image_size, self.resize
                 )
@@ -390,7 +402,7 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         state = dict(super().__getstate__())
         state.pop("_projection", None)
         if "model_" in state:
-            # Only the truncated network's weights travel, on the CPU, so the
+            # Only the kept submodules' weights travel, on the CPU, so the
             # file loads without CUDA and without downloading anything.
             state["model_"] = {
                 name: tensor.detach().cpu()
@@ -412,10 +424,11 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
                     stacklevel=2,
                 )
             self.device_ = torch.device("cpu")
-        # Only the architecture is rebuilt here; the weights come from the file.
+        # Only the architecture is rebuilt here, pruned as in fit so that the
+        # keys match exactly; the weights come from the file.
         random_init = None if isinstance(self.backbone, str) else "DEFAULT"
         module, _, _, _ = load_backbone(self.backbone, random_init)
-        network = build_feature_network(module, self.layers_)
+        network = build_feature_network(module, self.layers_, self.image_size)
         network.load_state_dict(weights)
         self._set_network(network)
         self._set_projection()

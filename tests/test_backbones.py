@@ -1,5 +1,6 @@
 """Tests for backbone resolution, weights loading and feature taps."""
 
+import copy
 import sys
 from pathlib import Path
 
@@ -9,11 +10,13 @@ import torch
 import torchvision
 from sklearn.datasets import load_sample_image
 from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.transforms.v2 import functional as TF
 
 from skpatchcore._backbones import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    LayerTaps,
     build_feature_network,
     check_layers,
     load_backbone,
@@ -114,7 +117,7 @@ def test_lite0_default_weights_need_the_offline_extra(monkeypatch):
 def test_lite0_stage_channels_and_strides(size):
     torch.manual_seed(0)
     module, layers, _, _ = load_backbone("efficientnet_lite0", weights=None)
-    network = build_feature_network(module, layers)
+    network = build_feature_network(copy.deepcopy(module), layers, image_size=64)
     x = torch.rand(1, 3, *size)
 
     with torch.no_grad():
@@ -126,7 +129,7 @@ def test_lite0_stage_channels_and_strides(size):
     assert list(features) == ["stage3", "stage5"]
     assert features["stage3"].shape == (1, 40, -(-height // 8), -(-width // 8))
     assert features["stage5"].shape == (1, 112, -(-height // 16), -(-width // 16))
-    # The traced network must pad by the input's parity, not the tracing one.
+    # Each input is padded by its own parity, not by the probe's.
     torch.testing.assert_close(features["stage3"], stage3)
     torch.testing.assert_close(features["stage5"], stage5)
 
@@ -259,21 +262,88 @@ def test_check_layers():
         check_layers(module, ("layer2", "layer2"))
 
 
-def test_feature_network_stops_after_last_layer():
-    module, layers, _, _ = load_backbone("wide_resnet50_2", weights=None)
+def test_feature_network_drops_the_layers_after_the_last():
+    torch.manual_seed(0)
+    module = load_backbone("resnet18", weights=None)[0]
+    expected = {
+        key: value.clone()
+        for key, value in module.state_dict().items()
+        if not key.startswith(("layer4.", "fc."))
+    }
 
-    network = build_feature_network(module, layers)
+    network = build_feature_network(module, ("layer2", "layer3"), image_size=64)
 
-    keys = network.state_dict().keys()
-    assert any(key.startswith("layer3.") for key in keys)
-    assert not any(key.startswith(("layer4.", "fc.")) for key in keys)
+    state_dict = network.state_dict()
+    # The backbone's own names, the weights of everything up to layer3 only.
+    assert state_dict.keys() == expected.keys()
+    for key, value in state_dict.items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
     assert not network.training
+    assert isinstance(network.backbone.layer4, nn.Identity)
+    assert isinstance(network.backbone.fc, nn.Identity)
+    assert not isinstance(network.backbone.maxpool, nn.Identity)
+
+
+class _Boom(nn.Module):
+    def forward(self, x):
+        raise AssertionError("a layer after the last tapped one ran")
+
+
+def test_layer_taps_stop_after_the_last_layer():
+    module = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), _Boom())
+    x = torch.rand(2, 3, 5, 5)
+
+    features = LayerTaps(module, ("1", "0"))(x)
+
+    assert list(features) == ["1", "0"]
+    torch.testing.assert_close(features["0"], module[0](x))
+    torch.testing.assert_close(features["1"], module[0](x).relu())
+
+
+class _Skips(nn.Module):
+    """``unused`` is a registered layer that forward never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Conv2d(3, 4, 1)
+        self.unused = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_layer_that_does_not_run():
+    with pytest.raises(ValueError, match=r"\['unused'\] of _Skips did not run"):
+        build_feature_network(_Skips(), ("used", "unused"), image_size=8)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
+def test_feature_network_matches_torchvision_feature_extraction(name):
+    torch.manual_seed(0)
+    module, layers, _, _ = load_backbone(name, weights=None)
+    reference = create_feature_extractor(
+        copy.deepcopy(module), return_nodes={layer: layer for layer in layers}
+    )
+
+    network = build_feature_network(module, layers, image_size=64)
+
+    # Same keys: a state dict saved from the former torch.fx network loads.
+    assert network.state_dict().keys() == reference.state_dict().keys()
+    for size in [(64, 64), (97, 130)]:
+        x = torch.rand(2, 3, *size)
+        with torch.no_grad():
+            features, expected = network(x), reference(x)
+        assert list(features) == list(layers)
+        for layer in layers:
+            torch.testing.assert_close(features[layer], expected[layer], rtol=0, atol=0)
 
 
 def test_feature_network_matches_an_explicit_forward():
     torch.manual_seed(0)
     module = load_backbone("resnet18", weights=None)[0]
-    network = build_feature_network(module, ("layer3", "layer2"))
+    network = build_feature_network(
+        copy.deepcopy(module), ("layer3", "layer2"), image_size=64
+    )
     x = torch.rand(2, 3, 64, 80)
 
     with torch.no_grad():
@@ -282,6 +352,6 @@ def test_feature_network_matches_an_explicit_forward():
         layer2 = module.layer2(module.layer1(stem))
         layer3 = module.layer3(layer2)
 
-    assert set(features) == {"layer2", "layer3"}
+    assert list(features) == ["layer3", "layer2"]
     torch.testing.assert_close(features["layer2"], layer2)
     torch.testing.assert_close(features["layer3"], layer3)

@@ -1,9 +1,11 @@
 import pickle
 
+import joblib
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 
 from skpatchcore import PatchFeatureExtractor
 from skpatchcore._feature_extractor import adaptive_pool_matrix, channel_projection
@@ -116,3 +118,99 @@ def test_parameter_errors():
         PatchFeatureExtractor("efficientnet_lite0", image_size=64, resize=32).fit()
     with pytest.raises(ValueError, match="layers must be given"):
         PatchFeatureExtractor(TwoLayers()).fit()
+
+
+def test_joblib_round_trip_keeps_only_the_weights_used(tmp_path):
+    images = np.random.default_rng(4).random((2, 64, 64, 3))
+    torch.manual_seed(0)
+    extractor = PatchFeatureExtractor(
+        "resnet18", weights=None, feature_dim=64, image_size=64, resize=None
+    ).fit()
+    features = extractor.transform(images)
+    path = tmp_path / "extractor.joblib"
+    joblib.dump(extractor, path)
+
+    restored = joblib.load(path)
+
+    np.testing.assert_array_equal(restored.transform(images), features)
+    saved = extractor.__getstate__()["model_"]
+    expected = {
+        key
+        for key in torchvision.models.resnet18().state_dict()
+        if not key.startswith(("layer4.", "fc."))
+    }
+    assert saved.keys() == expected
+    for key, value in restored.model_.state_dict().items():
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0)
+
+
+def _hooks(module):
+    return [
+        (name, hooks)
+        for name, sub in module.named_modules()
+        for hooks in (sub._forward_hooks, sub._forward_pre_hooks)
+        if hooks
+    ]
+
+
+def test_user_module_is_never_mutated(tmp_path):
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 8, 3, stride=2, padding=1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 8 * 8, 2),
+    )
+    structure = [(name, type(sub)) for name, sub in module.named_modules()]
+    before = {key: value.clone() for key, value in module.state_dict().items()}
+    images = np.random.default_rng(5).random((2, 16, 16, 3))
+
+    extractor = PatchFeatureExtractor(
+        module, layers=("0", "2"), image_size=16, resize=None
+    ).fit()
+    features = extractor.transform(images)
+    path = tmp_path / "extractor.joblib"
+    joblib.dump(extractor, path)
+    np.testing.assert_array_equal(joblib.load(path).transform(images), features)
+
+    assert extractor.backbone is module
+    assert isinstance(extractor.model_.backbone[4], torch.nn.Identity)
+    assert [(name, type(sub)) for name, sub in module.named_modules()] == structure
+    assert _hooks(module) == []
+    assert module.training
+    assert module.state_dict().keys() == before.keys()
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+class _Tokens(torch.nn.Module):
+    """``pair`` returns a tuple of maps; ``tokens`` a (N, L, C) token tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.pair = _Pair()
+        self.tokens = torch.nn.Flatten(2)
+
+    def forward(self, x):
+        return self.tokens(self.pair(x)[0]).transpose(1, 2)
+
+
+class _Pair(torch.nn.Module):
+    def forward(self, x):
+        return x, x
+
+
+@pytest.mark.parametrize(
+    "layer, match",
+    [
+        ("pair", "Layer 'pair' returns a tuple, not a tensor"),
+        ("tokens", r"Layer 'tokens' returns a tensor of shape \(1, 3, 64\)"),
+    ],
+)
+def test_layer_output_must_be_a_feature_map(layer, match):
+    extractor = PatchFeatureExtractor(
+        _Tokens(), layers=(layer,), image_size=8, resize=None
+    )
+    with pytest.raises(ValueError, match=match):
+        extractor.fit()
