@@ -1,7 +1,18 @@
-"""Greedy k-center coreset selection (paper §3.2, Algorithm 1)."""
+"""Greedy k-center coreset selection (paper §3.2, Algorithm 1), whole or by chunks."""
+
+import threading
+from contextlib import contextmanager
 
 import numpy as np
 import torch
+
+# torch's thread count is one setting for the whole process: selections
+# running at once in several threads (joblib's threading backend, dask
+# workers) share one "single thread" period, and the last one out restores
+# the count the first one found.
+_THREADS_LOCK = threading.Lock()
+_single_thread_users = 0
+_saved_threads = None
 
 
 def random_projection(n_features, projection_dim, random_state):
@@ -15,6 +26,21 @@ def random_projection(n_features, projection_dim, random_state):
     ).astype(np.float32)
 
 
+def selection_projection(n_features, projection_dim, random_state):
+    """The projection the selection runs on, or None when it would not shrink."""
+    if projection_dim is None or projection_dim >= n_features:
+        return None
+    return random_projection(n_features, projection_dim, random_state)
+
+
+def project(features, projection):
+    """``features`` as float32 rows after ``projection`` (None: unchanged)."""
+    points = np.ascontiguousarray(features, dtype=np.float32)
+    if projection is None:
+        return points
+    return (torch.from_numpy(points) @ torch.from_numpy(projection)).numpy()
+
+
 def greedy_coreset(features, n_samples, *, projection_dim, random_state, device="cpu"):
     """Indices of a greedy k-center coreset of ``features``.
 
@@ -24,7 +50,7 @@ def greedy_coreset(features, n_samples, *, projection_dim, random_state, device=
     to ``projection_dim`` dimensions (skipped when ``projection_dim`` is None
     or not smaller than the feature length). Memory stays linear in the
     number of points: only each point's distance to its nearest chosen point
-    is kept.
+    is kept. Time grows as ``n_points * n_samples``.
 
     Parameters
     ----------
@@ -50,29 +76,69 @@ def greedy_coreset(features, n_samples, *, projection_dim, random_state, device=
         first is the random starting point.
     """
     n_points, n_features = features.shape
+    projection = selection_projection(n_features, projection_dim, random_state)
+    points = project(features, projection)
+    start = int(random_state.randint(n_points))
+    return greedy_k_center(points, n_samples, start, device=device)
+
+
+def greedy_k_center(points, n_samples, start, device="cpu"):
+    """Algorithm 1 on points as they are, from a given first point.
+
+    Parameters
+    ----------
+    points : ndarray of shape (n_points, n_dims)
+        Float32 points, already projected.
+
+    n_samples : int
+        Number of points to choose, in ``[1, n_points]``.
+
+    start : int
+        Row of the first chosen point.
+
+    device : str or torch.device, default="cpu"
+        Where the distance updates run.
+
+    Returns
+    -------
+    indices : ndarray of shape (n_samples,)
+        Rows of ``points`` in the order they were chosen.
+    """
+    n_points = len(points)
     if not 1 <= n_samples <= n_points:
         raise ValueError(f"n_samples must be in [1, {n_points}]; got {n_samples}.")
-    points = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
-    if projection_dim is not None and projection_dim < n_features:
-        matrix = random_projection(n_features, projection_dim, random_state)
-        points = points @ torch.from_numpy(matrix)
+    points = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32))
     points = points.to(device)
-    start = int(random_state.randint(n_points))
-    threads = torch.get_num_threads()
-    if points.device.type == "cpu":
-        # Each step is a handful of small tensor operations: with several
-        # threads, their synchronisation costs more than the work, and far
-        # more when other processes share the cores (measured on 47,040 x 128
-        # points and two busy cores: 4.8 s with one thread, 192 s with two).
-        torch.set_num_threads(1)
-    try:
+    if points.device.type != "cpu":
         return _greedy_steps(points, n_samples, start)
+    # Each step is a handful of small tensor operations: with several
+    # threads, their synchronisation costs more than the work, and far more
+    # when other processes share the cores (measured on 47,040 x 128 points
+    # and two busy cores: 4.8 s with one thread, 192 s with two).
+    with _one_torch_thread():
+        return _greedy_steps(points, n_samples, start)
+
+
+@contextmanager
+def _one_torch_thread():
+    """Run torch on one thread inside, and restore the thread count after."""
+    global _single_thread_users, _saved_threads
+    with _THREADS_LOCK:
+        if _single_thread_users == 0:
+            _saved_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _single_thread_users += 1
+    try:
+        yield
     finally:
-        torch.set_num_threads(threads)
+        with _THREADS_LOCK:
+            _single_thread_users -= 1
+            if _single_thread_users == 0:
+                torch.set_num_threads(_saved_threads)
 
 
 def _greedy_steps(points, n_samples, start):
-    """Algorithm 1's loop on prepared points; see :func:`greedy_coreset`."""
+    """Algorithm 1's loop on prepared points; see :func:`greedy_k_center`."""
     squared_norms = (points * points).sum(dim=1)
 
     def squared_distances_to(index):
@@ -92,3 +158,39 @@ def _greedy_steps(points, n_samples, start):
         torch.minimum(nearest, squared_distances_to(index), out=nearest)
         nearest[index] = -1.0
     return chosen
+
+
+def split_budget(n_samples, chunk_sizes):
+    """Share ``n_samples`` coreset points among chunks in proportion to their sizes.
+
+    Each chunk gets the floor of its proportional share, and the points left
+    over go one each to the chunks with the largest remainders (ties to the
+    earlier chunk), so that the shares add up to ``n_samples`` exactly. A
+    chunk whose share would be zero gets one point, taken from the largest
+    share; with fewer points than chunks, each chunk gets one.
+
+    Parameters
+    ----------
+    n_samples : int
+        Total coreset size, at most the chunks' total size.
+
+    chunk_sizes : array-like of int
+        Points in each chunk, at least one each.
+
+    Returns
+    -------
+    shares : ndarray of shape (n_chunks,)
+        Coreset points to select in each chunk, between 1 and its size.
+    """
+    sizes = np.asarray(chunk_sizes, dtype=np.int64)
+    if n_samples <= len(sizes):
+        return np.ones_like(sizes)
+    exact = n_samples * sizes / sizes.sum()
+    shares = np.floor(exact).astype(np.int64)
+    leftover = n_samples - int(shares.sum())
+    order = np.argsort(-(exact - shares), kind="stable")
+    shares[order[:leftover]] += 1
+    for empty in np.flatnonzero(shares == 0):
+        shares[np.argmax(shares)] -= 1
+        shares[empty] = 1
+    return shares

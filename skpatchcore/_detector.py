@@ -1,6 +1,5 @@
 """The PatchCore anomaly detector."""
 
-import math
 import numbers
 
 import numpy as np
@@ -11,9 +10,11 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._anomaly_maps import model_input_maps, to_original_geometry
-from ._coreset import greedy_coreset
+from ._bank_builder import BankBuilder
 from ._feature_extractor import PatchFeatureExtractor
+from ._images import check_images
 from ._memory_bank import MemoryBank
+from ._progress import progress_bar
 from ._scoring import reweighted_scores
 
 _EXTRACTOR_PARAMS = (
@@ -27,8 +28,19 @@ _EXTRACTOR_PARAMS = (
     "resize",
     "device",
     "batch_size",
-    "verbose",
 )
+
+# Parameters that only say how to run: changing them after fit takes effect at
+# the next call. Every other parameter defines the fitted model.
+_RUNTIME_PARAMS = ("device", "batch_size", "n_jobs", "verbose")
+
+
+def _equal(a, b):
+    """Whether two parameter values are equal, whatever their types."""
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError):
+        return False
 
 
 def _novelty_only(detector):
@@ -99,6 +111,28 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         Dimension of the random projection used while selecting the coreset;
         None selects on the full features.
 
+    coreset_method : {"auto", "greedy", "partitioned"}, default="auto"
+        How the coreset is selected. ``"greedy"``: the paper's Algorithm 1
+        on all training patches at once; its time grows with the square of
+        the number of patches, and all patch features are held in memory.
+        ``"partitioned"``: the images are shuffled into chunks of at most
+        ``coreset_chunk_size`` patches, Algorithm 1 selects
+        ``coreset_ratio`` of each chunk, and the bank is the union of the
+        chunks' coresets (a composable coreset, see Notes); time and memory
+        grow linearly with the number of images. ``"auto"``: greedy when all
+        training patches fit in one chunk, partitioned otherwise.
+
+    coreset_chunk_size : int, default=16384
+        Largest number of patches in one chunk of the partitioned coreset
+        (a chunk holds at least one image). Larger chunks approach the
+        greedy coreset; the time per image grows in proportion.
+
+    max_calibration_images : int, default=100
+        Training images scored, each against the bank without its own
+        patches, to set ``offset_`` and ``pixel_threshold_``: all of them up
+        to this number, else a seeded random sample of this many. Each costs
+        about as much as scoring a new image. At least 2.
+
     n_reweight_neighbors : int, default=9
         ``b`` of eq. 7: the bank neighbours of ``m*`` (``m*`` included) over
         which the maximum patch distance is re-weighted. 1 turns re-weighting
@@ -125,12 +159,25 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
     batch_size : int, default=16
         Images per forward pass.
 
+    n_jobs : int, default=None
+        Chunks of the partitioned coreset selected in parallel, through
+        joblib: ``None`` means 1 unless in a :func:`joblib.parallel_backend`
+        context (e.g. ``"dask"`` to select on a cluster), -1 all processors.
+        Each chunk's selection runs on one thread.
+
     random_state : int, RandomState instance or None, default=None
-        Draws the coreset's random projection and starting point, and seeds
-        the pynndescent index. Pass an int for reproducible results.
+        Draws the calibration sample, the assignment of images to chunks,
+        the coreset's random projection and starting points, and seeds the
+        pynndescent index. Pass an int for reproducible results.
 
     verbose : int, default=0
-        Print progress when positive.
+        Show a progress bar per stage of ``fit`` (features, coreset,
+        calibration) and over the images of each prediction when positive;
+        the bars are tqdm's when it is installed (they render in notebooks
+        and terminals), else printed lines. ``verbose``, ``batch_size``,
+        ``n_jobs`` and ``device`` may be changed after ``fit``; changing
+        any other parameter makes the fitted detector refuse to predict
+        until it is fitted again.
 
     Attributes
     ----------
@@ -149,6 +196,9 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
 
     n_train_images_ : int
         Number of training images.
+
+    n_calibration_images_ : int
+        Training images whose held-out scores set the thresholds.
 
     grid_shape_ : tuple of int
         ``(height, width)`` of the patch grid of one image.
@@ -178,12 +228,25 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
     Gaussian of ``sigma``, and mapped back through the inverse resize; the
     band cut away by the centre crop takes the nearest scored value.
 
-    Thresholds. At ``fit``, each training image is scored against the memory
-    bank with its own patches removed (leave one image out), which is how an
-    unseen good image is scored. ``offset_`` is the ``contamination``
-    quantile of these ``score_samples`` (their minimum for "auto"), and
+    Coreset. With several chunks, the bank is the union of each chunk's
+    greedy coreset, each chunk keeping ``coreset_ratio`` of its patches.
+    Greedy k-center is a 2-approximation of the best covering of each chunk
+    with as many points [2]_, and the covering radius of a union is the
+    largest of its parts' radii, so no training patch is farther from the
+    bank than twice the best radius achievable within its own chunk;
+    coresets of parts composed this way are the composable coresets of
+    [3]_ and [4]_. Chunks are random samples of the training images, so
+    each gets the share of the bank its patches call for.
+
+    Thresholds. At ``fit``, each calibration image (every training image, up
+    to ``max_calibration_images``) is scored against the memory bank with
+    its own patches removed (leave one image out), which is how an unseen
+    good image is scored. ``offset_`` is the ``contamination`` quantile of
+    these ``score_samples`` (their minimum for "auto"), and
     ``pixel_threshold_`` the ``1 - contamination`` quantile of each image's
-    largest anomaly-map value (their maximum for "auto"). At least two
+    largest anomaly-map value (their maximum for "auto"). An image whose
+    patches have no bank entry from any other image (when the whole bank
+    came from it) cannot be scored this way and is left out. At least two
     training images are therefore needed.
 
     Model selection. Labels follow ``predict``: +1 normal, -1 anomalous.
@@ -199,6 +262,13 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
     ----------
     .. [1] K. Roth, L. Pemula, J. Zepeda, B. Schölkopf, T. Brox and P. Gehler,
        "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022.
+    .. [2] T. F. Gonzalez, "Clustering to minimize the maximum intercluster
+       distance", Theoretical Computer Science 38, 1985.
+    .. [3] P. Indyk, S. Mahabadi, M. Mahdian and V. S. Mirrokni, "Composable
+       core-sets for diversity and coverage maximization", PODS 2014.
+    .. [4] G. Malkomes, M. J. Kusner, W. Chen, K. Q. Weinberger and
+       B. Moseley, "Fast distributed k-center clustering with outliers on
+       massive data", NeurIPS 2015.
 
     Examples
     --------
@@ -228,6 +298,10 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             Interval(numbers.Real, 0, 0.5, closed="right"),
         ],
         "nn_algorithm": [StrOptions({"exact", "pynndescent"})],
+        "coreset_method": [StrOptions({"auto", "greedy", "partitioned"})],
+        "coreset_chunk_size": [Interval(numbers.Integral, 1, None, closed="left")],
+        "max_calibration_images": [Interval(numbers.Integral, 2, None, closed="left")],
+        "n_jobs": [numbers.Integral, None],
         "random_state": ["random_state"],
     }
 
@@ -244,12 +318,16 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         resize=256,
         coreset_ratio=0.1,
         projection_dim=128,
+        coreset_method="auto",
+        coreset_chunk_size=16384,
+        max_calibration_images=100,
         n_reweight_neighbors=9,
         sigma=4.0,
         contamination="auto",
         nn_algorithm="exact",
         device="auto",
         batch_size=16,
+        n_jobs=None,
         random_state=None,
         verbose=0,
     ):
@@ -263,12 +341,16 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         self.resize = resize
         self.coreset_ratio = coreset_ratio
         self.projection_dim = projection_dim
+        self.coreset_method = coreset_method
+        self.coreset_chunk_size = coreset_chunk_size
+        self.max_calibration_images = max_calibration_images
         self.n_reweight_neighbors = n_reweight_neighbors
         self.sigma = sigma
         self.contamination = contamination
         self.nn_algorithm = nn_algorithm
         self.device = device
         self.batch_size = batch_size
+        self.n_jobs = n_jobs
         self.random_state = random_state
         self.verbose = verbose
 
@@ -292,71 +374,94 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             The fitted detector.
         """
         random_state = check_random_state(self.random_state)
-        extractor = PatchFeatureExtractor(
-            **{name: getattr(self, name) for name in _EXTRACTOR_PARAMS}
-        )
-        extractor.fit()
-        features = extractor.transform(X)
-        n_images, grid_height, grid_width, feature_dim = features.shape
+        sources = check_images(X)
+        n_images = len(sources)
         if n_images < 2:
             raise ValueError(
                 "PatchCoreDetector needs at least 2 training images (the "
                 "thresholds are calibrated by scoring each one against the "
                 f"others); got {n_images} sample."
             )
-        patches_per_image = grid_height * grid_width
-        features = features.reshape(-1, feature_dim)
-        n_bank = max(1, math.ceil(self.coreset_ratio * len(features)))
-        if n_bank < len(features):
-            if self.verbose:
-                print(f"[PatchCoreDetector] coreset: {n_bank} of {len(features)}")
-            chosen = greedy_coreset(
-                features,
-                n_bank,
-                projection_dim=self.projection_dim,
-                random_state=random_state,
-                device=extractor.device_,
+        calibration = np.arange(n_images)
+        if n_images > self.max_calibration_images:
+            calibration = np.sort(
+                random_state.choice(n_images, self.max_calibration_images, False)
             )
-        else:
-            chosen = np.arange(len(features))
+        extractor = PatchFeatureExtractor(
+            **{name: getattr(self, name) for name in _EXTRACTOR_PARAMS}
+        ).fit()
+        builder = BankBuilder(
+            extractor,
+            coreset_ratio=self.coreset_ratio,
+            projection_dim=self.projection_dim,
+            method=self.coreset_method,
+            chunk_size=self.coreset_chunk_size,
+            n_jobs=self.n_jobs,
+            random_state=random_state,
+            verbose=self.verbose,
+        )
+        bank, bank_images, calibration_features = builder.build(
+            sources, keep_images=calibration
+        )
 
         self.feature_extractor_ = extractor
         self.device_ = extractor.device_
-        self.grid_shape_ = (grid_height, grid_width)
+        self.grid_shape_ = extractor.grid_shape_
         self.n_train_images_ = n_images
-        self.memory_bank_ = np.ascontiguousarray(features[chosen])
+        self.memory_bank_ = bank
         self._searcher = MemoryBank(
             self.memory_bank_,
             algorithm=self.nn_algorithm,
             random_state=int(random_state.randint(np.iinfo(np.int32).max)),
             device=self.device_,
         )
-        if self.verbose:
-            print("[PatchCoreDetector] calibrating thresholds, leaving one image out")
-        scores, patch_scores = self._score_features(
-            features, n_images, bank_images=chosen // patches_per_image
-        )
-        self._calibrate(-scores, patch_scores)
+        self._calibrate(calibration, calibration_features, bank_images)
+        self._fitted_params = self.get_params(deep=False)
         return self
 
-    def _calibrate(self, train_score_samples, train_patch_scores):
+    def _calibrate(self, images, features, bank_images):
+        """Set the thresholds from held-out scores of training ``images``."""
+        scores, largest = [], []
+        with progress_bar(len(images), "calibration", "images", self.verbose) as bar:
+            for start in range(0, len(images), self.batch_size):
+                batch = slice(start, start + self.batch_size)
+                batch_scores, patch_scores = self._score_features(
+                    features[batch].reshape(-1, features.shape[-1]),
+                    len(features[batch]),
+                    exclude=(images[batch], bank_images),
+                )
+                maps = model_input_maps(patch_scores, self.image_size, self.sigma)
+                scores.append(batch_scores)
+                largest.append(maps.reshape(len(maps), -1).max(axis=1))
+                bar.update(len(batch_scores))
+        scores, largest = np.concatenate(scores), np.concatenate(largest)
+        # An image whose patches only meet bank entries of its own (the whole
+        # bank came from it) has no held-out score.
+        held_out = np.isfinite(scores) & np.isfinite(largest)
+        if not held_out.any():
+            raise ValueError(
+                "No training image could be scored against bank entries of the "
+                "other images, so no threshold can be calibrated: the whole "
+                "memory bank comes from one image. Fit on more distinct images "
+                "or raise coreset_ratio."
+            )
+        self.n_calibration_images_ = int(held_out.sum())
         level = 0.0 if self.contamination == "auto" else self.contamination
-        self.offset_ = float(np.quantile(train_score_samples, level))
-        maps = model_input_maps(train_patch_scores, self.image_size, self.sigma)
-        largest = maps.reshape(len(maps), -1).max(axis=1)
-        self.pixel_threshold_ = float(np.quantile(largest, 1.0 - level))
+        self.offset_ = float(np.quantile(-scores[held_out], level))
+        self.pixel_threshold_ = float(np.quantile(largest[held_out], 1.0 - level))
 
-    def _score_features(self, features, n_images, bank_images=None):
+    def _score_features(self, features, n_images, exclude=None):
         """Image scores (eq. 7) and patch-score grids of flattened features.
 
-        With ``bank_images`` (the training image of each bank entry), the
-        features are those of the training images in order, and each image
-        is scored without its own bank entries.
+        With ``exclude=(images, bank_images)``, the features are those of
+        training ``images``, and each is scored without the bank entries
+        taken from it (``bank_images`` says which image each entry comes
+        from).
         """
         patches_per_image = len(features) // n_images
         patch_groups = support_groups = None
-        if bank_images is not None:
-            images = np.arange(n_images)
+        if exclude is not None:
+            images, bank_images = exclude
             patch_groups = (np.repeat(images, patches_per_image), bank_images)
             support_groups = (images, bank_images)
         distances, nearest = self._searcher.kneighbors(features, 1, patch_groups)
@@ -369,6 +474,8 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         scores = reweighted_scores(
             self._searcher.exact_distances(worst_features, support)
         )
+        # Without any bank entry left to compare with, a distance is infinite.
+        scores[np.isinf(distances).any(axis=1)] = np.inf
         return scores, distances.reshape(n_images, *self.grid_shape_)
 
     def _support(self, centers, groups):
@@ -386,14 +493,42 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             support[row, 1:] = row_neighbors[row_neighbors != center][: n_support - 1]
         return support
 
+    def _check_unchanged_since_fit(self):
+        """Refuse to predict with parameters that no longer describe the model."""
+        fitted = getattr(self, "_fitted_params", None)
+        if fitted is None:
+            return
+        current = self.get_params(deep=False)
+        changed = [
+            name
+            for name, value in fitted.items()
+            if name not in _RUNTIME_PARAMS
+            and not (current[name] is value or _equal(current[name], value))
+        ]
+        if changed:
+            details = ", ".join(
+                f"{name}={fitted[name]!r} at fit, now {current[name]!r}"
+                for name in changed
+            )
+            raise ValueError(
+                f"Parameters changed since fit ({details}): they define the "
+                "fitted model. Call fit again, or set them back."
+            )
+
     def _iter_scores(self, X):
         """Per batch: image anomaly scores, patch-score grids and geometries."""
         check_is_fitted(self)
-        for features, geometries in self.feature_extractor_.iter_batches(X):
-            n_images = len(features)
-            flat = features.reshape(-1, features.shape[-1])
-            scores, patch_scores = self._score_features(flat, n_images)
-            yield scores, patch_scores, geometries
+        self._check_unchanged_since_fit()
+        sources = check_images(X)
+        with progress_bar(len(sources), "scoring", "images", self.verbose) as bar:
+            for features, geometries in self.feature_extractor_.iter_batches(
+                sources, self.batch_size
+            ):
+                n_images = len(features)
+                flat = features.reshape(-1, features.shape[-1])
+                scores, patch_scores = self._score_features(flat, n_images)
+                bar.update(n_images)
+                yield scores, patch_scores, geometries
 
     def score_samples(self, X):
         """Normality of each image: minus the re-weighted anomaly score.

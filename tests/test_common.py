@@ -117,12 +117,16 @@ class MatrixPatchCore(PatchCoreDetector):
         resize=None,
         coreset_ratio=0.5,
         projection_dim=None,
+        coreset_method="auto",
+        coreset_chunk_size=16384,
+        max_calibration_images=100,
         n_reweight_neighbors=3,
         sigma=0.0,
         contamination="auto",
         nn_algorithm="exact",
         device="cpu",
         batch_size=64,
+        n_jobs=None,
         random_state=0,
         verbose=0,
     ):
@@ -137,12 +141,16 @@ class MatrixPatchCore(PatchCoreDetector):
             resize=resize,
             coreset_ratio=coreset_ratio,
             projection_dim=projection_dim,
+            coreset_method=coreset_method,
+            coreset_chunk_size=coreset_chunk_size,
+            max_calibration_images=max_calibration_images,
             n_reweight_neighbors=n_reweight_neighbors,
             sigma=sigma,
             contamination=contamination,
             nn_algorithm=nn_algorithm,
             device=device,
             batch_size=batch_size,
+            n_jobs=n_jobs,
             random_state=random_state,
             verbose=verbose,
         )
@@ -157,9 +165,12 @@ class MatrixPatchCore(PatchCoreDetector):
         # so fit leaves it untouched as a scikit-learn estimator must.
         self.backbone = _one_by_one_backbone()
         try:
-            return super().fit(_rows_to_images(X), y)
+            super().fit(_rows_to_images(X), y)
         finally:
             self.backbone = None
+        # The module stood in for None during fit: None is what was fitted.
+        self._fitted_params = self.get_params(deep=False)
+        return self
 
     # decision_function and predict go through score_samples.
     def score_samples(self, X):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from skpatchcore._coreset import greedy_coreset, random_projection
+from skpatchcore._coreset import greedy_coreset, random_projection, split_budget
 
 
 def brute_force_k_center(points, n_samples, start):
@@ -114,3 +114,60 @@ def test_thread_setting_is_restored():
         points, 5, projection_dim=None, random_state=np.random.RandomState(0)
     )
     assert torch.get_num_threads() == before
+
+
+def test_thread_setting_is_restored_when_selections_overlap():
+    import threading
+
+    import torch
+
+    from skpatchcore._coreset import greedy_k_center
+
+    before = torch.get_num_threads()
+    points = np.random.default_rng(5).normal(size=(3000, 16)).astype(np.float32)
+    barrier = threading.Barrier(4)
+
+    def select(seed):
+        barrier.wait()
+        return greedy_k_center(points, 300, seed)
+
+    threads = [threading.Thread(target=select, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize(
+    "n_samples, sizes, expected",
+    [
+        (10, [50, 50], [5, 5]),
+        (10, [61, 31, 11], [6, 3, 1]),
+        # 7 * (5, 3, 2) / 10 = (3.5, 2.1, 1.4): the one left over goes to the
+        # largest remainder.
+        (7, [5, 3, 2], [4, 2, 1]),
+        # 4 * (20, 1, 1) / 22 = (3.6, 0.2, 0.2): the empty chunks get one
+        # each, taken from the largest share.
+        (4, [20, 1, 1], [2, 1, 1]),
+        # Equal remainders: the earlier chunk first.
+        (3, [2, 2], [2, 1]),
+        (6, [3, 3], [3, 3]),
+        # Fewer points than chunks: one each all the same.
+        (1, [4, 4, 4], [1, 1, 1]),
+    ],
+)
+def test_split_budget(n_samples, sizes, expected):
+    np.testing.assert_array_equal(split_budget(n_samples, sizes), expected)
+
+
+def test_split_budget_adds_up_and_is_proportional():
+    rng = np.random.default_rng(6)
+    for _ in range(50):
+        sizes = rng.integers(1, 500, size=rng.integers(1, 20))
+        n_samples = int(rng.integers(len(sizes), sizes.sum() + 1))
+        shares = split_budget(n_samples, sizes)
+        assert shares.sum() == n_samples
+        assert np.all((shares >= 1) & (shares <= sizes))
+        if np.all(n_samples * sizes / sizes.sum() >= 1):
+            assert np.all(np.abs(shares - n_samples * sizes / sizes.sum()) < 1)

@@ -322,12 +322,30 @@ def test_pipeline_and_clone(elpv_small, cell_arrays):
     assert not hasattr(cloned, "memory_bank_")
 
 
-def test_verbose_reports_progress(cell_arrays, capsys):
+def test_verbose_shows_a_bar_per_stage(cell_arrays, capsys):
+    pytest.importorskip("tqdm")
     PatchCoreDetector(**FAST_PARAMS, verbose=1).fit(cell_arrays[:3])
-    out = capsys.readouterr().out
-    assert "coreset" in out and "batch 1/1" in out
+    err = capsys.readouterr().err
+    for stage in ("features", "coreset", "calibration"):
+        assert stage in err
+    assert "3/3" in err
     PatchCoreDetector(**FAST_PARAMS).fit(cell_arrays[:3])
+    assert capsys.readouterr() == ("", "")
+
+
+def test_verbose_without_tqdm_prints_counts(cell_arrays, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    detector = PatchCoreDetector(**FAST_PARAMS, verbose=1).fit(cell_arrays[:3])
+    out = capsys.readouterr().out
+    assert "features: 3/3 images" in out
+    assert "calibration: 3/3 images" in out
+    # verbose applies at each call, also after fit.
+    detector.set_params(verbose=0).score_samples(cell_arrays[:2])
     assert capsys.readouterr().out == ""
+    detector.set_params(verbose=1).score_samples(cell_arrays[:2])
+    assert "scoring: 2/2 images" in capsys.readouterr().out
 
 
 def test_use_before_fit():
@@ -399,3 +417,142 @@ def test_image_size_too_small_for_the_backbone(cell_arrays):
     )
     with pytest.raises(ValueError, match="image_size=4 is too small"):
         detector.fit(cell_arrays[:2])
+
+
+@pytest.mark.parametrize(
+    "params", [dict(image_size=96), dict(sigma=2.0), dict(coreset_ratio=0.5)]
+)
+def test_model_parameters_changed_after_fit_are_refused(fast_detector, params):
+    detector = copy.deepcopy(fast_detector).set_params(**params)
+    name = next(iter(params))
+    for method in ("score_samples", "anomaly_maps", "predict_masks", "predict"):
+        with pytest.raises(ValueError, match=f"{name}=.* at fit, now"):
+            getattr(detector, method)(np.zeros((1, 64, 64), np.uint8))
+    # Set back, it scores again; a refit takes the new value.
+    detector.set_params(**{name: fast_detector.get_params()[name]})
+    detector.score_samples(np.zeros((1, 64, 64), np.uint8))
+
+
+def test_runtime_parameters_may_change_after_fit(fast_detector, elpv_small):
+    detector = copy.deepcopy(fast_detector).set_params(batch_size=3, n_jobs=2)
+    np.testing.assert_allclose(
+        detector.score_samples(elpv_small.test_images),
+        fast_detector.score_samples(elpv_small.test_images),
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("case", ["two identical images", "three blank images"])
+def test_thresholds_are_finite_when_one_image_supplies_the_bank(cell_arrays, case):
+    # Duplicated patches are never chosen twice, so the first image supplies
+    # the whole bank and cannot be scored without its own patches.
+    images = {
+        "two identical images": np.stack([cell_arrays[0], cell_arrays[0]]),
+        "three blank images": np.full((3, 64, 64), 128, np.uint8),
+    }[case]
+    detector = PatchCoreDetector(**FAST_PARAMS).fit(images)
+    assert np.isfinite(detector.offset_)
+    assert np.isfinite(detector.pixel_threshold_)
+    assert 1 <= detector.n_calibration_images_ <= len(images)
+    scratched = images[:1].copy()
+    height, width = images.shape[1:]
+    defect = np.s_[height // 3 : height // 2, width // 6 : -width // 6]
+    scratched[0][defect] = 255 - scratched[0][defect] // 2
+    assert detector.predict(scratched)[0] == -1
+    assert detector.predict_masks(scratched)[0][defect].any()
+
+
+def test_thresholds_are_finite_for_small_banks(cell_arrays):
+    # Two images at coreset_ratio=0.01: a bank of 1 entry per 100 patches,
+    # which for some seeds comes from one image only.
+    for seed in range(10):
+        detector = PatchCoreDetector(
+            **dict(FAST_PARAMS, coreset_ratio=0.01, random_state=seed)
+        ).fit(cell_arrays[:2])
+        assert np.isfinite(detector.offset_), seed
+        assert np.isfinite(detector.pixel_threshold_), seed
+
+
+def test_thresholds_on_a_one_patch_grid(cell_arrays):
+    module = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1)
+    )
+    detector = PatchCoreDetector(
+        **dict(FAST_PARAMS, backbone=module, layers=("1",), patch_size=1)
+    ).fit(cell_arrays[:2])
+    assert detector.grid_shape_ == (1, 1)
+    assert len(detector.memory_bank_) == 1
+    assert np.isfinite(detector.offset_) and np.isfinite(detector.pixel_threshold_)
+    assert detector.n_calibration_images_ == 1
+
+
+def test_calibration_sample_is_bounded(cell_arrays):
+    images = cell_arrays[:5]
+    params = dict(FAST_PARAMS, coreset_ratio=1.0)
+    detector = PatchCoreDetector(**params, max_calibration_images=3).fit(images)
+    assert detector.n_calibration_images_ == 3
+    # The seeded sample, drawn first from random_state.
+    sample = np.sort(np.random.RandomState(0).choice(5, 3, False))
+    held_out = []
+    for i in sample:
+        others = PatchCoreDetector(**params).fit(np.delete(images, i, axis=0))
+        held_out.append(others.score_samples(images[i : i + 1])[0])
+    np.testing.assert_allclose(detector.offset_, min(held_out), rtol=1e-4)
+
+
+def test_partitioned_fit_holds_only_the_bank_and_a_few_chunks():
+    # 300 images of 32 x 32 patches with 64 features: 75 MiB of patch
+    # features in all. The partitioned fit keeps 1 % of them and one chunk
+    # of 8,192 patches (2 MiB) at a time; the greedy fit holds them all.
+    import tracemalloc
+
+    images = np.random.default_rng(0).integers(0, 255, (300, 32, 32), np.uint8)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 1))
+    params = dict(
+        backbone=module,
+        layers=("0",),
+        image_size=32,
+        resize=None,
+        patch_size=1,
+        coreset_ratio=0.01,
+        coreset_chunk_size=8192,
+        max_calibration_images=2,
+        random_state=0,
+        batch_size=50,
+    )
+    all_features = 300 * 32 * 32 * 64 * 4
+
+    def peak(method):
+        detector = PatchCoreDetector(**params, coreset_method=method)
+        tracemalloc.start()
+        try:
+            detector.fit(images)
+            return tracemalloc.get_traced_memory()[1], detector
+        finally:
+            tracemalloc.stop()
+
+    partitioned_peak, detector = peak("partitioned")
+    assert len(detector.memory_bank_) == 3072
+    assert partitioned_peak < all_features / 5
+    greedy_peak, _ = peak("greedy")
+    assert greedy_peak > all_features
+
+
+def test_dask_cluster_selects_the_same_bank(cell_arrays):
+    distributed = pytest.importorskip("distributed")
+    from joblib import parallel_backend
+
+    params = dict(
+        FAST_PARAMS, coreset_method="partitioned", coreset_chunk_size=128, n_jobs=-1
+    )
+    local = PatchCoreDetector(**params).fit(cell_arrays[:6])
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster),
+    ):
+        with parallel_backend("dask"):
+            remote = PatchCoreDetector(**params).fit(cell_arrays[:6])
+    np.testing.assert_array_equal(remote.memory_bank_, local.memory_bank_)
+    assert remote.offset_ == local.offset_

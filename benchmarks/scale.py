@@ -1,0 +1,367 @@
+"""How skpatchcore's fit grows with the number of training images.
+
+Fits :class:`~skpatchcore.PatchCoreDetector` (EfficientNet-Lite0 ImageNet
+weights, whole cell resized to 224 x 224, coreset ratio 0.1) on N good ELPV
+solar cells for each N of ``--sizes`` and prints one markdown table: fit
+seconds and its stages (patch features, coreset, threshold calibration),
+peak resident memory, memory-bank size, prediction milliseconds per image and
+image AUROC on held-out ELPV cells. Beyond the good cells the package has,
+training sets are filled with flipped and 90-degree-rotated copies of them.
+
+At the N of ``--exact-sizes`` it also fits the exact greedy coreset (the
+paper's Algorithm 1 on all patches) and reports, for both, the coverage
+radius: the largest distance of any training patch to its nearest
+memory-bank feature. anomalib's PatchCore runs at the N of
+``--anomalib-sizes`` when ``--anomalib-python`` can import it (see
+``benchmarks/README.rst``), and a ``wide_resnet50_2`` row with random
+weights at ``--wrn-size`` measures memory and speed with 1024-dimensional
+features.
+
+Every row runs in its own child process, so that its peak memory is its own.
+
+Usage, from the repository root::
+
+    python benchmarks/scale.py
+    python benchmarks/scale.py --sizes 100,300 --exact-sizes 100 --wrn-size 0
+"""
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from quality import machine_note, run_child  # noqa: E402
+
+IMAGE_SIZE = 224
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    def sizes(text):
+        return [int(item) for item in text.split(",") if item.strip()]
+
+    parser.add_argument("--sizes", type=sizes, default=[100, 300, 1000, 2624, 10000])
+    parser.add_argument("--exact-sizes", type=sizes, default=[100, 300])
+    parser.add_argument("--anomalib-sizes", type=sizes, default=[100])
+    parser.add_argument(
+        "--wrn-size", type=int, default=10000, help="0 leaves the row out"
+    )
+    parser.add_argument("--coreset-ratio", type=float, default=0.1)
+    parser.add_argument("--n-test", type=int, default=50, help="test cells per class")
+    parser.add_argument("--n-jobs", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cache",
+        default=os.path.join(tempfile.gettempdir(), "skpatchcore-scale-cells"),
+        help="folder for the flipped and rotated training cells",
+    )
+    parser.add_argument("--anomalib-python", default="/tmp/anomalib-venv/bin/python")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def load_cells(n_train, args):
+    """N training cell paths (copies beyond the good cells), test paths, labels."""
+    from PIL import Image
+
+    from skpatchcore.datasets import _read_elpv_labels, load_elpv
+
+    n_normal = int(np.sum(_read_elpv_labels()[1] == 0))
+    # Every good cell but n_test goes to the training pool.
+    data = load_elpv(
+        "all",
+        train_size=n_normal - args.n_test,
+        n_test_normal=args.n_test,
+        n_test_defective=args.n_test,
+        random_state=args.seed,
+    )
+    pool = [Path(p) for p in data.train_images]
+    pool = [pool[i] for i in np.random.RandomState(args.seed).permutation(len(pool))]
+    train = pool[:n_train]
+    transforms = [
+        Image.Transpose.FLIP_LEFT_RIGHT,
+        Image.Transpose.FLIP_TOP_BOTTOM,
+        Image.Transpose.ROTATE_90,
+        Image.Transpose.ROTATE_180,
+        Image.Transpose.ROTATE_270,
+        Image.Transpose.TRANSPOSE,
+        Image.Transpose.TRANSVERSE,
+    ]
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    for k in range(n_train - len(train)):
+        transform, source = transforms[k // len(pool)], pool[k % len(pool)]
+        path = cache / f"{source.stem}-{transform.name.lower()}.png"
+        if not path.exists():
+            with Image.open(source) as image:
+                image.transpose(transform).save(path)
+        train.append(path)
+    if len(train) < n_train:
+        raise ValueError(f"at most {8 * len(pool)} training cells can be made")
+    return train, data.test_images, data.test_labels
+
+
+def _timed(owner, name, totals, key):
+    """Wrap method ``name`` of ``owner`` to add its wall time to totals[key]."""
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            totals[key] += time.perf_counter() - start
+
+    setattr(owner, name, wrapper)
+
+
+def coverage_radius(detector, train):
+    """Largest distance of any training patch to its nearest bank feature."""
+    radius = 0.0
+    for features, _ in detector.feature_extractor_.iter_batches(train):
+        distances, _ = detector._searcher.kneighbors(
+            features.reshape(-1, features.shape[-1]), 1
+        )
+        radius = max(radius, float(distances.max()))
+    return radius
+
+
+def worker(args):
+    """Fit and score one row; write its results as JSON."""
+    spec = json.loads(args.worker)
+    train, test, labels = load_cells(spec["n_train"], args)
+    out = Path(args.worker_out)
+    if spec["method"] == "anomalib":
+        result = _anomalib_row(train, test, args)
+    else:
+        result = _skpatchcore_row(spec, train, test, args)
+    result["n_test"] = len(test)
+    np.save(out / "scores.npy", np.asarray(result.pop("scores"), dtype=np.float64))
+    (out / "result.json").write_text(json.dumps(result))
+
+
+def _skpatchcore_row(spec, train, test, args):
+    from skpatchcore import PatchCoreDetector
+    from skpatchcore._bank_builder import BankBuilder
+
+    totals = dict(build=0.0, features=0.0, calibration=0.0)
+    _timed(BankBuilder, "build", totals, "build")
+    _timed(BankBuilder, "_extract", totals, "features")
+    _timed(PatchCoreDetector, "_calibrate", totals, "calibration")
+    detector = PatchCoreDetector(
+        backbone=spec["backbone"],
+        weights=spec["weights"],
+        image_size=IMAGE_SIZE,
+        resize=None,
+        coreset_ratio=args.coreset_ratio,
+        coreset_method=spec["coreset_method"],
+        n_jobs=args.n_jobs,
+        device="cpu",
+        random_state=args.seed,
+    )
+    start = time.perf_counter()
+    detector.fit(train)
+    fit_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    _, score_samples = detector.anomaly_maps(test, return_score_samples=True)
+    predict_seconds = time.perf_counter() - start
+    result = {
+        "fit_seconds": fit_seconds,
+        "features_seconds": totals["features"],
+        "coreset_seconds": totals["build"] - totals["features"],
+        "calibration_seconds": totals["calibration"],
+        "predict_seconds": predict_seconds,
+        "bank_size": int(detector.memory_bank_.shape[0]),
+        "feature_dim": int(detector.memory_bank_.shape[1]),
+        "scores": -score_samples,
+    }
+    if spec.get("radius"):
+        result["coverage_radius"] = coverage_radius(detector, train)
+    return result
+
+
+def _anomalib_row(train, test, args):
+    from _anomalib_runner import fit_anomalib_patchcore, predict_anomalib_patchcore
+    from PIL import Image
+
+    from skpatchcore._backbones import load_backbone
+
+    # The runner takes decoded images (N is small where anomalib runs).
+    train, test = ([np.asarray(Image.open(p)) for p in s] for s in (train, test))
+    start = time.perf_counter()
+    module, layers, mean, std = load_backbone("efficientnet_lite0")
+    common = dict(mean=mean, std=std, image_size=IMAGE_SIZE, resize=None, batch_size=16)
+    model = fit_anomalib_patchcore(
+        train,
+        backbone_module=module,
+        layers=layers,
+        coreset_ratio=args.coreset_ratio,
+        num_neighbors=9,
+        seed=args.seed,
+        **common,
+    )
+    fit_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    scores, _ = predict_anomalib_patchcore(model, test, **common)
+    return {
+        "fit_seconds": fit_seconds,
+        "predict_seconds": time.perf_counter() - start,
+        "bank_size": int(model.memory_bank.shape[0]),
+        "feature_dim": int(model.memory_bank.shape[1]),
+        "scores": scores,
+    }
+
+
+def row_specs(args):
+    specs = []
+    for n in args.sizes:
+        specs.append(dict(n_train=n, method="skpatchcore", coreset_method="auto"))
+        if n in args.exact_sizes:
+            specs[-1]["radius"] = True
+            specs.append(
+                dict(
+                    n_train=n,
+                    method="skpatchcore",
+                    coreset_method="greedy",
+                    radius=True,
+                )
+            )
+        if n in args.anomalib_sizes:
+            specs.append(dict(n_train=n, method="anomalib"))
+    if args.wrn_size:
+        specs.append(
+            dict(
+                n_train=args.wrn_size,
+                method="skpatchcore",
+                coreset_method="auto",
+                backbone="wide_resnet50_2",
+                weights=None,
+            )
+        )
+    for spec in specs:
+        spec.setdefault("backbone", "efficientnet_lite0")
+        spec.setdefault("weights", "DEFAULT")
+    return specs
+
+
+def _label(spec):
+    if spec["method"] == "anomalib":
+        return "anomalib 2.7.0"
+    if spec["backbone"] != "efficientnet_lite0":
+        return f"skpatchcore {spec['backbone']} (random weights)"
+    return f"skpatchcore {spec['coreset_method']}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    started = time.perf_counter()
+    command = "python " + shlex.join(
+        [os.path.relpath(__file__, REPO), *(sys.argv[1:] if argv is None else argv)]
+    )
+    anomalib_ok = Path(args.anomalib_python).is_file()
+    header = (
+        "| N images | method | fit s | fit ms/img | features s | coreset s "
+        "| calibration s | peak MiB | bank | predict ms/img | image AUROC "
+        "| coverage radius |"
+    )
+    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+    notes = []
+    from skpatchcore.metrics import image_auroc
+
+    with tempfile.TemporaryDirectory(prefix="skpatchcore-scale-") as tmp:
+        for number, spec in enumerate(row_specs(args)):
+            if spec["method"] == "anomalib" and not anomalib_ok:
+                notes.append(f"anomalib at N={spec['n_train']} skipped: no interpreter")
+                continue
+            out = Path(tmp) / str(number)
+            out.mkdir()
+            python = (
+                args.anomalib_python if spec["method"] == "anomalib" else sys.executable
+            )
+            print(f"[scale] N={spec['n_train']} {_label(spec)} ...", flush=True)
+            code, wall, peak = run_child(
+                [
+                    python,
+                    str(Path(__file__).resolve()),
+                    "--worker",
+                    json.dumps(spec),
+                    "--worker-out",
+                    str(out),
+                    *(f"--{k}={v}" for k, v in _forwarded(args)),
+                ]
+            )
+            if code != 0:
+                notes.append(f"N={spec['n_train']} {_label(spec)} failed ({code})")
+                continue
+            result = json.loads((out / "result.json").read_text())
+            _, _, labels = load_cells(1, args)
+            auroc = image_auroc(labels, -np.load(out / "scores.npy"))
+            n = spec["n_train"]
+
+            cells = [
+                str(n),
+                _label(spec),
+                f"{result['fit_seconds']:.0f}",
+                f"{1000 * result['fit_seconds'] / n:.0f}",
+                *(
+                    f"{result[key]:.0f}" if key in result else "—"
+                    for key in (
+                        "features_seconds",
+                        "coreset_seconds",
+                        "calibration_seconds",
+                    )
+                ),
+                f"{peak:.0f}",
+                f"{result['bank_size']} x {result['feature_dim']}",
+                f"{1000 * result['predict_seconds'] / result['n_test']:.0f}",
+                "—" if spec["backbone"] != "efficientnet_lite0" else f"{auroc:.3f}",
+                f"{result['coverage_radius']:.2f}"
+                if "coverage_radius" in result
+                else "—",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+
+    print()
+    print(f"Date: {datetime.date.today().isoformat()}")
+    print(f"Command: {command}")
+    print(f"Machine: {machine_note()}")
+    print(
+        f"Settings: ELPV cells (mono and poly), whole cell resized to {IMAGE_SIZE}, "
+        f"coreset_ratio {args.coreset_ratio}, n_jobs {args.n_jobs}, seed "
+        f"{args.seed}, CPU; test: {args.n_test} good + {args.n_test} defective cells"
+    )
+    print()
+    print("\n".join(lines))
+    for note in notes:
+        print(f"- {note}")
+    print(f"\nTotal run time: {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _forwarded(args):
+    for name in ("coreset_ratio", "n_test", "n_jobs", "seed", "cache"):
+        yield name.replace("_", "-"), getattr(args, name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

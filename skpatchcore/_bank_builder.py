@@ -1,0 +1,200 @@
+"""Build the memory bank from training images, one chunk of images at a time.
+
+The data's way: images -> patch features of one chunk -> projected features
+-> greedy k-center selection in that chunk -> the chunk's coreset joins the
+bank, and the rest of the chunk's features are dropped. Only the chunks being
+selected at once are ever held at full length, so memory grows with the bank
+(``coreset_ratio`` of all patches), not with all patches; time grows linearly
+with the number of images, as each chunk's selection costs the same.
+"""
+
+import math
+
+import numpy as np
+from joblib import Parallel, delayed, effective_n_jobs
+
+from ._coreset import greedy_k_center, project, selection_projection, split_budget
+from ._progress import progress_bar
+
+
+def plan_chunks(n_images, patches_per_image, *, method, chunk_size, random_state):
+    """Split image indices into the chunks whose coresets make up the bank.
+
+    Parameters
+    ----------
+    n_images : int
+        Number of training images.
+
+    patches_per_image : int
+        Patch features per image.
+
+    method : {"auto", "greedy", "partitioned"}
+        ``"greedy"``: one chunk of all images, in order (Algorithm 1 on all
+        patches). ``"partitioned"``: chunks of at most ``chunk_size`` patches
+        (at least one image each). ``"auto"``: greedy when all patches fit in
+        one chunk, else partitioned.
+
+    chunk_size : int
+        Largest number of patches per chunk.
+
+    random_state : numpy.random.RandomState
+        Shuffles the images among chunks when there are several, so that
+        every chunk is a random sample of the training set.
+
+    Returns
+    -------
+    chunks : list of ndarray of int
+        Image indices of each chunk, of near-equal sizes.
+    """
+    n_patches = n_images * patches_per_image
+    if method == "greedy" or n_patches <= chunk_size:
+        return [np.arange(n_images)]
+    images_per_chunk = max(1, chunk_size // patches_per_image)
+    n_chunks = math.ceil(n_images / images_per_chunk)
+    return np.array_split(random_state.permutation(n_images), n_chunks)
+
+
+class BankBuilder:
+    """Select the memory bank of a stream of training images.
+
+    Parameters
+    ----------
+    extractor : PatchFeatureExtractor
+        Fitted extractor of patch features.
+
+    coreset_ratio : float
+        Fraction of all training patches kept in the bank.
+
+    projection_dim : int or None
+        Dimension of the random projection the selection runs on.
+
+    method : {"auto", "greedy", "partitioned"}
+        See :func:`plan_chunks`.
+
+    chunk_size : int
+        Largest number of patches per chunk.
+
+    n_jobs : int or None
+        Chunks selected in parallel, through joblib.
+
+    random_state : numpy.random.RandomState
+        Draws, in this order, the shuffle of images among chunks (only with
+        several chunks), the projection and one starting point per chunk.
+
+    verbose : int
+        Show progress bars when positive.
+    """
+
+    def __init__(
+        self,
+        extractor,
+        *,
+        coreset_ratio,
+        projection_dim,
+        method,
+        chunk_size,
+        n_jobs,
+        random_state,
+        verbose,
+    ):
+        self.extractor = extractor
+        self.coreset_ratio = coreset_ratio
+        self.projection_dim = projection_dim
+        self.method = method
+        self.chunk_size = chunk_size
+        self.n_jobs = n_jobs
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def build(self, sources, keep_images=()):
+        """The memory bank of ``sources``, and the features of ``keep_images``.
+
+        Parameters
+        ----------
+        sources : list
+            Validated image sources (see ``check_images``).
+
+        keep_images : array-like of int, default=()
+            Images whose full patch features are also returned, e.g. to
+            calibrate thresholds.
+
+        Returns
+        -------
+        bank : ndarray of shape (n_bank, n_features)
+            Float32 coreset features.
+
+        bank_images : ndarray of shape (n_bank,)
+            The training image each bank entry comes from.
+
+        kept_features : ndarray of shape (len(keep_images), n_patches, n_features)
+            Patch features of ``keep_images``, in their order.
+        """
+        patches_per_image = math.prod(self.extractor.grid_shape_)
+        n_features = self.extractor.feature_dim_
+        n_patches = len(sources) * patches_per_image
+        n_bank = max(1, math.ceil(self.coreset_ratio * n_patches))
+        chunks = plan_chunks(
+            len(sources),
+            patches_per_image,
+            method=self.method,
+            chunk_size=self.chunk_size,
+            random_state=self.random_state,
+        )
+        select = n_bank < n_patches
+        if select:
+            projection = selection_projection(
+                n_features, self.projection_dim, self.random_state
+            )
+            sizes = [len(chunk) * patches_per_image for chunk in chunks]
+            shares = split_budget(n_bank, sizes)
+            starts = [int(self.random_state.randint(size)) for size in sizes]
+        kept = np.empty(
+            (len(keep_images), patches_per_image, n_features), dtype=np.float32
+        )
+        self._kept, self._slots = kept, {int(i): s for s, i in enumerate(keep_images)}
+        device = self.extractor.device_
+        # Chunks go to joblib workers on the CPU; one GPU does them in turn.
+        n_parallel = 1 if device.type != "cpu" else effective_n_jobs(self.n_jobs)
+        bank, bank_images = [], []
+        with (
+            progress_bar(len(sources), "features", "images", self.verbose) as images,
+            progress_bar(n_bank, "coreset", "patches", self.verbose and select) as bar,
+            Parallel(n_jobs=1 if device.type != "cpu" else self.n_jobs) as parallel,
+        ):
+            for first in range(0, len(chunks), n_parallel):
+                group = range(first, min(first + n_parallel, len(chunks)))
+                features = [self._extract(sources, chunks[c], images) for c in group]
+                if select:
+                    chosen = parallel(
+                        delayed(greedy_k_center)(
+                            project(f, projection), int(shares[c]), starts[c], device
+                        )
+                        for c, f in zip(group, features)
+                    )
+                else:
+                    chosen = [np.arange(len(f)) for f in features]
+                for c, f, rows in zip(group, features, chosen):
+                    bank.append(f[rows])
+                    bank_images.append(chunks[c][rows // patches_per_image])
+                    bar.update(len(rows))
+        return np.concatenate(bank), np.concatenate(bank_images), kept
+
+    def _extract(self, sources, images, bar):
+        """Full patch features of ``images`` as rows, image after image."""
+        patches_per_image = math.prod(self.extractor.grid_shape_)
+        features = np.empty(
+            (len(images) * patches_per_image, self.extractor.feature_dim_),
+            dtype=np.float32,
+        )
+        row = 0
+        batches = self.extractor.iter_batches([sources[i] for i in images])
+        for batch, _ in batches:
+            batch = batch.reshape(len(batch), patches_per_image, -1)
+            for image_features in batch:
+                slot = self._slots.get(int(images[row // patches_per_image]))
+                if slot is not None:
+                    self._kept[slot] = image_features
+                features[row : row + patches_per_image] = image_features
+                row += patches_per_image
+            bar.update(len(batch))
+        return features

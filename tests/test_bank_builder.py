@@ -1,0 +1,153 @@
+import numpy as np
+import pytest
+import torch
+
+from skpatchcore._bank_builder import BankBuilder, plan_chunks
+from skpatchcore._coreset import random_projection
+
+
+class ToyExtractor:
+    """Stands in for a fitted PatchFeatureExtractor: each "image" is its grid."""
+
+    def __init__(self, grid_shape, feature_dim, batch_size=3):
+        self.grid_shape_ = grid_shape
+        self.feature_dim_ = feature_dim
+        self.device_ = torch.device("cpu")
+        self.batch_size = batch_size
+
+    def iter_batches(self, sources):
+        for start in range(0, len(sources), self.batch_size):
+            yield np.stack(sources[start : start + self.batch_size]), None
+
+
+def toy_images(n_images, grid=(2, 3), dim=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return list(rng.normal(size=(n_images, *grid, dim)).astype(np.float32))
+
+
+def brute_force_k_center(points, n_samples, start):
+    distances = np.linalg.norm(points[:, None, :] - points[None, :, :], axis=2)
+    chosen = [start]
+    while len(chosen) < n_samples:
+        nearest = distances[:, chosen].min(axis=1)
+        nearest[chosen] = -1.0
+        chosen.append(int(np.argmax(nearest)))
+    return np.array(chosen)
+
+
+def build(images, **params):
+    params = (
+        dict(
+            coreset_ratio=0.2,
+            projection_dim=4,
+            method="partitioned",
+            chunk_size=18,
+            n_jobs=None,
+            random_state=np.random.RandomState(0),
+            verbose=0,
+        )
+        | params
+    )
+    extractor = ToyExtractor(images[0].shape[:2], images[0].shape[2])
+    return BankBuilder(extractor, **params).build(images, keep_images=[1, 4])
+
+
+def test_partitioned_bank_is_the_union_of_brute_force_chunk_coresets():
+    images = toy_images(20)
+    bank, bank_images, kept = build(images)
+    # Replay the draws: shuffle, projection, one start per chunk.
+    replay = np.random.RandomState(0)
+    # 3 images of 6 patches fit in a chunk of 18: 7 chunks of 3, ..., 3, 2.
+    chunks = np.array_split(replay.permutation(20), 7)
+    projection = random_projection(6, 4, replay)
+    sizes = [6 * len(chunk) for chunk in chunks]
+    starts = [replay.randint(size) for size in sizes]
+    # 0.2 * 120 = 24 points: 3.6 for each chunk of 18 patches, 2.4 for the
+    # last one of 12; the 4 left over go to the first four.
+    shares = [4, 4, 4, 4, 3, 3, 2]
+    expected, expected_images = [], []
+    for chunk, start, share in zip(chunks, starts, shares):
+        features = np.concatenate([images[i].reshape(6, 6) for i in chunk])
+        chosen = brute_force_k_center(features @ projection, share, start)
+        expected.append(features[chosen])
+        expected_images.append(chunk[chosen // 6])
+    np.testing.assert_allclose(bank, np.concatenate(expected), rtol=1e-6)
+    np.testing.assert_array_equal(bank_images, np.concatenate(expected_images))
+    np.testing.assert_array_equal(
+        kept, np.stack([images[1], images[4]]).reshape(2, 6, 6)
+    )
+
+
+def test_one_chunk_is_the_greedy_coreset_of_all_patches():
+    from skpatchcore._coreset import greedy_coreset
+
+    images = toy_images(5)
+    bank, bank_images, _ = build(images, method="auto", chunk_size=30)
+    features = np.concatenate([image.reshape(6, 6) for image in images])
+    chosen = greedy_coreset(
+        features, 6, projection_dim=4, random_state=np.random.RandomState(0)
+    )
+    np.testing.assert_array_equal(bank, features[chosen])
+    np.testing.assert_array_equal(bank_images, chosen // 6)
+
+
+@pytest.mark.parametrize(
+    "method, chunk_size, expected",
+    [
+        ("auto", 60, [10]),  # all 60 patches fit in one chunk
+        ("auto", 59, [5, 5]),
+        ("greedy", 6, [10]),
+        ("partitioned", 60, [10]),
+        ("partitioned", 13, [2, 2, 2, 2, 2]),  # 2 images of 6 patches a chunk
+        ("partitioned", 1, [1] * 10),  # at least one image a chunk
+    ],
+)
+def test_plan_chunks(method, chunk_size, expected):
+    chunks = plan_chunks(
+        10,
+        6,
+        method=method,
+        chunk_size=chunk_size,
+        random_state=np.random.RandomState(0),
+    )
+    assert [len(chunk) for chunk in chunks] == expected
+    assert sorted(np.concatenate(chunks).tolist()) == list(range(10))
+
+
+def test_keeping_every_patch_selects_nothing():
+    images = toy_images(4)
+    bank, bank_images, _ = build(images, coreset_ratio=1.0)
+    assert len(bank) == 24
+    for row, image in zip(bank, bank_images):
+        assert any(np.array_equal(row, patch) for patch in images[image].reshape(6, 6))
+
+
+def test_parallel_chunks_give_the_same_bank():
+    images = toy_images(30)
+    one, one_images, _ = build(images)
+    two, two_images, _ = build(images, n_jobs=2)
+    np.testing.assert_array_equal(one, two)
+    np.testing.assert_array_equal(one_images, two_images)
+
+
+def test_covering_radius_within_twice_the_best_of_each_chunk():
+    # Gonzalez's bound, which the partitioned bank inherits chunk by chunk:
+    # every patch lies within twice the optimal k-center radius of its chunk.
+    from itertools import combinations
+
+    images = toy_images(6, grid=(2, 2), dim=2, seed=3)
+    bank, bank_images, _ = build(
+        images, coreset_ratio=0.25, projection_dim=None, chunk_size=8
+    )
+    chunks = plan_chunks(
+        6, 4, method="partitioned", chunk_size=8, random_state=np.random.RandomState(0)
+    )
+    for chunk in chunks:
+        points = np.concatenate([images[i].reshape(4, 2) for i in chunk])
+        centers = bank[np.isin(bank_images, chunk)]
+        radius = np.linalg.norm(points[:, None] - centers[None], axis=2).min(1).max()
+        best = min(
+            np.linalg.norm(points[:, None] - points[list(c)][None], axis=2).min(1).max()
+            for c in combinations(range(len(points)), len(centers))
+        )
+        assert radius <= 2 * best + 1e-6
