@@ -62,9 +62,6 @@ class BankBuilder:
     extractor : PatchFeatureExtractor
         Fitted extractor of patch features.
 
-    coreset_ratio : float
-        Fraction of all training patches kept in the bank.
-
     projection_dim : int or None
         Dimension of the random projection the selection runs on.
 
@@ -89,7 +86,6 @@ class BankBuilder:
         self,
         extractor,
         *,
-        coreset_ratio,
         projection_dim,
         method,
         chunk_size,
@@ -98,7 +94,6 @@ class BankBuilder:
         verbose,
     ):
         self.extractor = extractor
-        self.coreset_ratio = coreset_ratio
         self.projection_dim = projection_dim
         self.method = method
         self.chunk_size = chunk_size
@@ -106,13 +101,17 @@ class BankBuilder:
         self.random_state = random_state
         self.verbose = verbose
 
-    def build(self, sources, keep_images=()):
+    def build(self, sources, n_bank, keep_images=()):
         """The memory bank of ``sources``, and the features of ``keep_images``.
 
         Parameters
         ----------
         sources : list
             Validated image sources (see ``check_images``).
+
+        n_bank : int
+            Bank size, at least 1; all patches are kept when they are not
+            more.
 
         keep_images : array-like of int, default=()
             Images whose full patch features are also returned, e.g. to
@@ -126,13 +125,13 @@ class BankBuilder:
         bank_images : ndarray of shape (n_bank,)
             The training image each bank entry comes from.
 
-        kept_features : ndarray of shape (len(keep_images), n_patches, n_features)
+        kept_features : ndarray of shape (len(keep_images), grid_height, \
+                grid_width, n_features)
             Patch features of ``keep_images``, in their order.
         """
         patches_per_image = math.prod(self.extractor.grid_shape_)
         n_features = self.extractor.feature_dim_
         n_patches = len(sources) * patches_per_image
-        n_bank = max(1, math.ceil(self.coreset_ratio * n_patches))
         chunks = plan_chunks(
             len(sources),
             patches_per_image,
@@ -177,6 +176,7 @@ class BankBuilder:
                     bank.append(f[rows])
                     bank_images.append(chunks[c][rows // patches_per_image])
                     bar.update(len(rows))
+        kept = kept.reshape(len(kept), *self.extractor.grid_shape_, n_features)
         return np.concatenate(bank), np.concatenate(bank_images), kept
 
     def _extract(self, sources, images, bar):

@@ -6,6 +6,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from ._memory_bank import as_tensor
+
 # torch's thread count is one setting for the whole process: selections
 # running at once in several threads (joblib's threading backend, dask
 # workers) share one "single thread" period, and the last one out restores
@@ -107,8 +109,7 @@ def greedy_k_center(points, n_samples, start, device="cpu"):
     n_points = len(points)
     if not 1 <= n_samples <= n_points:
         raise ValueError(f"n_samples must be in [1, {n_points}]; got {n_samples}.")
-    points = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32))
-    points = points.to(device)
+    points = as_tensor(np.ascontiguousarray(points, dtype=np.float32)).to(device)
     if points.device.type != "cpu":
         return _greedy_steps(points, n_samples, start)
     # Each step is a handful of small tensor operations: with several

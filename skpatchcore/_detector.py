@@ -1,5 +1,7 @@
 """The PatchCore anomaly detector."""
 
+import copy
+import math
 import numbers
 
 import numpy as np
@@ -195,10 +197,16 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         Anomaly-map value above which ``predict_masks`` marks a pixel.
 
     n_train_images_ : int
-        Number of training images.
+        Number of training images, over all calls of :meth:`partial_fit`.
 
     n_calibration_images_ : int
         Training images whose held-out scores set the thresholds.
+
+    calibration_scores_ : ndarray of shape (n_calibration_images_,)
+        Held-out ``score_samples`` of the calibration images.
+
+    calibration_map_maxima_ : ndarray of shape (n_calibration_images_,)
+        Largest held-out anomaly-map value of each calibration image.
 
     grid_shape_ : tuple of int
         ``(height, width)`` of the patch grid of one image.
@@ -373,26 +381,102 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         self : object
             The fitted detector.
         """
-        random_state = check_random_state(self.random_state)
+        return self._add_images(X, first=True)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None):
+        """Add good images to the detector, or fit it on them if unfitted.
+
+        The first call fits, as :meth:`fit` does. Each later call selects a
+        coreset of the new images' patches (partitioned into chunks as in
+        ``fit``) and adds it to the memory bank, which so stays at
+        ``coreset_ratio`` of all patches seen, then recalibrates the
+        thresholds. Its time grows with the new images and the bank, not
+        with the images of earlier calls, which are not needed: a detector
+        loaded from a file can be updated. Parameters that define the model
+        (all but ``verbose``, ``batch_size``, ``n_jobs`` and ``device``)
+        cannot change between calls.
+
+        Parameters
+        ----------
+        X : array-like or list of images
+            Good images in any form accepted by :meth:`fit`; at least two on
+            the first call, at least one later.
+
+        y : None
+            Ignored. Not used, present for API consistency by convention.
+
+        Returns
+        -------
+        self : object
+            The updated detector.
+
+        Notes
+        -----
+        The bank after ``partial_fit(A)`` then ``partial_fit(B)`` is the
+        partitioned coreset of ``A + B`` with no chunk mixing images of ``A``
+        and ``B``: each chunk is still covered within twice its best radius,
+        but new images never displace bank entries of earlier ones, so when
+        ``B`` repeats what ``A`` already shows, its share of the bank is
+        spent on near-duplicates. The thresholds are calibrated on a seeded
+        sample of at most ``max_calibration_images`` images drawn uniformly
+        from all images seen: those of earlier calls keep the held-out scores
+        they had then (their features are not kept), those of this call are
+        scored against the whole new bank without their own patches.
+        """
+        if hasattr(self, "memory_bank_"):
+            if not hasattr(self, "calibration_scores_"):
+                raise ValueError(
+                    "This detector was saved by an earlier version of "
+                    "skpatchcore, without the state partial_fit needs; fit it "
+                    "again to update it."
+                )
+            self._check_unchanged_since_fit("partial_fit")
+        return self._add_images(X, first=not hasattr(self, "memory_bank_"))
+
+    def _add_images(self, X, first):
+        """Fit on the images of ``X`` (``first``), or add them to the model.
+
+        Everything is computed before any fitted attribute is set, so that a
+        call that fails leaves the detector as it was.
+        """
         sources = check_images(X)
-        n_images = len(sources)
-        if n_images < 2:
-            raise ValueError(
-                "PatchCoreDetector needs at least 2 training images (the "
-                "thresholds are calibrated by scoring each one against the "
-                f"others); got {n_images} sample."
-            )
-        calibration = np.arange(n_images)
-        if n_images > self.max_calibration_images:
-            calibration = np.sort(
-                random_state.choice(n_images, self.max_calibration_images, False)
-            )
-        extractor = PatchFeatureExtractor(
-            **{name: getattr(self, name) for name in _EXTRACTOR_PARAMS}
-        ).fit()
+        n_new = len(sources)
+        if first:
+            if n_new < 2:
+                raise ValueError(
+                    "PatchCoreDetector needs at least 2 training images (the "
+                    "thresholds are calibrated by scoring each one against the "
+                    f"others); got {n_new} sample."
+                )
+            random_state = check_random_state(self.random_state)
+            extractor = PatchFeatureExtractor(
+                **{name: getattr(self, name) for name in _EXTRACTOR_PARAMS}
+            ).fit()
+            n_seen, earlier_bank = 0, np.empty((0, extractor.feature_dim_), np.float32)
+            earlier_scores = earlier_maxima = np.empty(0)
+        else:
+            random_state = copy.deepcopy(self._random_state)
+            extractor, n_seen = self.feature_extractor_, self.n_train_images_
+            earlier_bank = self.memory_bank_
+            earlier_scores = self.calibration_scores_
+            earlier_maxima = self.calibration_map_maxima_
+        # A uniform sample of all images seen: how many of the earlier
+        # calibration images stay, then which new images join them.
+        n_sample = min(self.max_calibration_images, n_seen + n_new)
+        n_kept = 0
+        if n_seen:
+            n_drawn = random_state.hypergeometric(n_seen, n_new, n_sample)
+            n_kept = min(len(earlier_scores), int(n_drawn))
+        calibration = np.arange(n_new)
+        if n_new > n_sample - n_kept:
+            calibration = np.sort(random_state.choice(n_new, n_sample - n_kept, False))
+
+        patches_per_image = math.prod(extractor.grid_shape_)
+        n_bank = math.ceil(self.coreset_ratio * (n_seen + n_new) * patches_per_image)
+        n_bank = min(n_bank - len(earlier_bank), n_new * patches_per_image)
         builder = BankBuilder(
             extractor,
-            coreset_ratio=self.coreset_ratio,
             projection_dim=self.projection_dim,
             method=self.coreset_method,
             chunk_size=self.coreset_chunk_size,
@@ -401,91 +485,106 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             verbose=self.verbose,
         )
         bank, bank_images, calibration_features = builder.build(
-            sources, keep_images=calibration
+            sources, max(1, n_bank), keep_images=calibration
         )
-
-        self.feature_extractor_ = extractor
-        self.device_ = extractor.device_
-        self.grid_shape_ = extractor.grid_shape_
-        self.n_train_images_ = n_images
-        self.memory_bank_ = bank
-        self._searcher = MemoryBank(
-            self.memory_bank_,
+        searcher = MemoryBank(
+            np.concatenate([earlier_bank, bank]) if n_seen else bank,
             algorithm=self.nn_algorithm,
             random_state=int(random_state.randint(np.iinfo(np.int32).max)),
-            device=self.device_,
+            device=extractor.device_,
         )
-        self._calibrate(calibration, calibration_features, bank_images)
-        self._fitted_params = self.get_params(deep=False)
-        return self
-
-    def _calibrate(self, images, features, bank_images):
-        """Set the thresholds from held-out scores of training ``images``."""
-        scores, largest = [], []
-        with progress_bar(len(images), "calibration", "images", self.verbose) as bar:
-            for start in range(0, len(images), self.batch_size):
-                batch = slice(start, start + self.batch_size)
-                batch_scores, patch_scores = self._score_features(
-                    features[batch].reshape(-1, features.shape[-1]),
-                    len(features[batch]),
-                    exclude=(images[batch], bank_images),
-                )
-                maps = model_input_maps(patch_scores, self.image_size, self.sigma)
-                scores.append(batch_scores)
-                largest.append(maps.reshape(len(maps), -1).max(axis=1))
-                bar.update(len(batch_scores))
-        scores, largest = np.concatenate(scores), np.concatenate(largest)
-        # An image whose patches only meet bank entries of its own (the whole
-        # bank came from it) has no held-out score.
-        held_out = np.isfinite(scores) & np.isfinite(largest)
-        if not held_out.any():
+        # Earlier bank entries belong to none of the new images.
+        bank_images = np.concatenate([np.full(len(earlier_bank), -1), bank_images])
+        scores, maxima = self._held_out_scores(
+            searcher, calibration, calibration_features, bank_images
+        )
+        kept = slice(None)
+        if n_kept < len(earlier_scores):
+            kept = random_state.choice(len(earlier_scores), n_kept, False)
+        scores = np.concatenate([earlier_scores[kept], scores])
+        maxima = np.concatenate([earlier_maxima[kept], maxima])
+        if len(scores) == 0:
             raise ValueError(
                 "No training image could be scored against bank entries of the "
                 "other images, so no threshold can be calibrated: the whole "
                 "memory bank comes from one image. Fit on more distinct images "
                 "or raise coreset_ratio."
             )
-        self.n_calibration_images_ = int(held_out.sum())
         level = 0.0 if self.contamination == "auto" else self.contamination
-        self.offset_ = float(np.quantile(-scores[held_out], level))
-        self.pixel_threshold_ = float(np.quantile(largest[held_out], 1.0 - level))
 
-    def _score_features(self, features, n_images, exclude=None):
-        """Image scores (eq. 7) and patch-score grids of flattened features.
+        self.feature_extractor_ = extractor
+        self.device_ = extractor.device_
+        self.grid_shape_ = extractor.grid_shape_
+        self.n_train_images_ = n_seen + n_new
+        self.memory_bank_ = searcher.features
+        self._searcher = searcher
+        self._random_state = random_state
+        self.calibration_scores_, self.calibration_map_maxima_ = scores, maxima
+        self.n_calibration_images_ = len(scores)
+        self.offset_ = float(np.quantile(scores, level))
+        self.pixel_threshold_ = float(np.quantile(maxima, 1.0 - level))
+        self._fitted_params = self.get_params(deep=False)
+        return self
 
-        With ``exclude=(images, bank_images)``, the features are those of
-        training ``images``, and each is scored without the bank entries
-        taken from it (``bank_images`` says which image each entry comes
-        from).
+    def _held_out_scores(self, searcher, images, features, bank_images):
+        """``score_samples`` and largest map value of training ``images``.
+
+        Each image is scored against the bank of ``searcher`` without the
+        entries taken from it. An image whose patches only meet bank entries
+        of its own (the whole bank came from it) has no held-out score and is
+        left out.
         """
-        patches_per_image = len(features) // n_images
+        scores, maxima = [np.empty(0)], [np.empty(0)]
+        with progress_bar(len(images), "calibration", "images", self.verbose) as bar:
+            for start in range(0, len(images), self.batch_size):
+                batch = slice(start, start + self.batch_size)
+                batch_scores, patch_scores = self._score_features(
+                    searcher, features[batch], exclude=(images[batch], bank_images)
+                )
+                maps = model_input_maps(patch_scores, self.image_size, self.sigma)
+                scores.append(-batch_scores)
+                maxima.append(maps.reshape(len(maps), -1).max(axis=1))
+                bar.update(len(batch_scores))
+        scores, maxima = np.concatenate(scores), np.concatenate(maxima)
+        held_out = np.isfinite(scores) & np.isfinite(maxima)
+        return scores[held_out], maxima[held_out]
+
+    def _score_features(self, searcher, features, exclude=None):
+        """Image scores (eq. 7) and patch-score grids of patch-feature grids.
+
+        ``features`` has shape (n_images, grid_height, grid_width, n_features)
+        and is searched in the bank of ``searcher``. With ``exclude=(images,
+        bank_images)``, the features are those of training ``images``, and
+        each is scored without the bank entries taken from it
+        (``bank_images`` says which image each entry comes from).
+        """
+        n_images, *grid_shape, n_features = features.shape
+        patches_per_image = math.prod(grid_shape)
+        features = features.reshape(-1, n_features)
         patch_groups = support_groups = None
         if exclude is not None:
             images, bank_images = exclude
             patch_groups = (np.repeat(images, patches_per_image), bank_images)
             support_groups = (images, bank_images)
-        distances, nearest = self._searcher.kneighbors(features, 1, patch_groups)
+        distances, nearest = searcher.kneighbors(features, 1, patch_groups)
         distances = distances[:, 0].reshape(n_images, patches_per_image)
         nearest = nearest[:, 0].reshape(n_images, patches_per_image)
         rows = np.arange(n_images)
         worst = np.argmax(distances, axis=1)
         worst_features = features[rows * patches_per_image + worst]
-        support = self._support(nearest[rows, worst], support_groups)
-        scores = reweighted_scores(
-            self._searcher.exact_distances(worst_features, support)
-        )
+        support = self._support(searcher, nearest[rows, worst], support_groups)
+        scores = reweighted_scores(searcher.exact_distances(worst_features, support))
         # Without any bank entry left to compare with, a distance is infinite.
         scores[np.isinf(distances).any(axis=1)] = np.inf
-        return scores, distances.reshape(n_images, *self.grid_shape_)
+        return scores, distances.reshape(n_images, *grid_shape)
 
-    def _support(self, centers, groups):
+    def _support(self, searcher, centers, groups):
         """``N_b(m*)`` of each ``m*`` in ``centers``: itself, then its neighbours."""
-        n_support = min(self.n_reweight_neighbors, len(self.memory_bank_))
+        bank = searcher.features
+        n_support = min(self.n_reweight_neighbors, len(bank))
         if n_support == 1:
             return centers[:, None]
-        _, neighbors = self._searcher.kneighbors(
-            self.memory_bank_[centers], n_support, groups
-        )
+        _, neighbors = searcher.kneighbors(bank[centers], n_support, groups)
         support = np.empty_like(neighbors)
         support[:, 0] = centers
         for row, (center, row_neighbors) in enumerate(zip(centers, neighbors)):
@@ -493,8 +592,8 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             support[row, 1:] = row_neighbors[row_neighbors != center][: n_support - 1]
         return support
 
-    def _check_unchanged_since_fit(self):
-        """Refuse to predict with parameters that no longer describe the model."""
+    def _check_unchanged_since_fit(self, action="predict"):
+        """Refuse to go on with parameters that no longer describe the model."""
         fitted = getattr(self, "_fitted_params", None)
         if fitted is None:
             return
@@ -511,8 +610,8 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
                 for name in changed
             )
             raise ValueError(
-                f"Parameters changed since fit ({details}): they define the "
-                "fitted model. Call fit again, or set them back."
+                f"Cannot {action}: parameters changed since fit ({details}). "
+                "They define the fitted model: call fit again, or set them back."
             )
 
     def _iter_scores(self, X):
@@ -524,10 +623,8 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             for features, geometries in self.feature_extractor_.iter_batches(
                 sources, self.batch_size
             ):
-                n_images = len(features)
-                flat = features.reshape(-1, features.shape[-1])
-                scores, patch_scores = self._score_features(flat, n_images)
-                bar.update(n_images)
+                scores, patch_scores = self._score_features(self._searcher, features)
+                bar.update(len(features))
                 yield scores, patch_scores, geometries
 
     def score_samples(self, X):

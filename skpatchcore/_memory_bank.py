@@ -18,10 +18,11 @@ _BLOCK_ENTRIES = 1 << 26
 _RERANK_ENTRIES = 1 << 23
 
 
-def _as_tensor(array):
+def as_tensor(array):
     """A CPU tensor sharing ``array``'s memory, also when ``array`` is read-only."""
     # Such tensors are only read, but torch warns on every read-only array,
-    # e.g. the bank of a detector loaded with joblib.load(..., mmap_mode="r").
+    # e.g. the bank of a detector loaded with joblib.load(..., mmap_mode="r"),
+    # or points that joblib hands to a worker as a read-only memory map.
     with warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", message="The given NumPy array is not writable"
@@ -89,7 +90,7 @@ class MemoryBank:
 
     def _device_features(self):
         if getattr(self, "_cached", None) is None:
-            tensor = _as_tensor(self.features).to(self.device)
+            tensor = as_tensor(self.features).to(self.device)
             self._cached = (tensor, (tensor * tensor).sum(dim=1))
         return self._cached
 
@@ -157,7 +158,7 @@ class MemoryBank:
     def _exact_candidates(self, queries, n_candidates, groups):
         """The ``n_candidates`` best bank rows per query by a float32 product."""
         bank, bank_norms = self._device_features()
-        chunk = _as_tensor(queries).to(self.device)
+        chunk = as_tensor(queries).to(self.device)
         # One fused call: the product followed by a scaled subtraction took
         # 2.4 times as long on 12,544 x 4,234 entries.
         approx = torch.addmm(bank_norms[None, :], chunk, bank.T, alpha=-2.0)
@@ -197,9 +198,9 @@ class MemoryBank:
             Norms of the differences, computed in float64.
         """
         # torch rather than numpy: its gather and reduction use every core.
-        bank = _as_tensor(self.features)
+        bank = as_tensor(self.features)
         differences = bank[torch.from_numpy(np.asarray(indices))].to(torch.float64)
-        differences.sub_(_as_tensor(np.asarray(queries))[:, None, :])
+        differences.sub_(as_tensor(np.asarray(queries))[:, None, :])
         return torch.linalg.vector_norm(differences, dim=2).numpy()
 
     def __getstate__(self):

@@ -95,8 +95,8 @@ class MatrixPatchCore(PatchCoreDetector):
     get_params, set_params and clone work; the defaults fit tiny images: a
     2x2 model input without crop, one patch per pixel, 4 features, half of
     the patches in the bank. ``backbone=None`` stands for a fresh
-    :class:`PointwiseConv`. ``fit``, ``score_samples`` and, through it,
-    ``decision_function`` and ``predict`` take a matrix.
+    :class:`PointwiseConv`. ``fit``, ``partial_fit``, ``score_samples`` and,
+    through it, ``decision_function`` and ``predict`` take a matrix.
     """
 
     _parameter_constraints = {
@@ -171,6 +171,11 @@ class MatrixPatchCore(PatchCoreDetector):
         # The module stood in for None during fit: None is what was fitted.
         self._fitted_params = self.get_params(deep=False)
         return self
+
+    def partial_fit(self, X, y=None):
+        if self.backbone is not None or hasattr(self, "memory_bank_"):
+            return super().partial_fit(_rows_to_images(X), y)
+        return self.fit(X, y)
 
     # decision_function and predict go through score_samples.
     def score_samples(self, X):

@@ -462,17 +462,6 @@ def test_thresholds_are_finite_when_one_image_supplies_the_bank(cell_arrays, cas
     assert detector.predict_masks(scratched)[0][defect].any()
 
 
-def test_thresholds_are_finite_for_small_banks(cell_arrays):
-    # Two images at coreset_ratio=0.01: a bank of 1 entry per 100 patches,
-    # which for some seeds comes from one image only.
-    for seed in range(10):
-        detector = PatchCoreDetector(
-            **dict(FAST_PARAMS, coreset_ratio=0.01, random_state=seed)
-        ).fit(cell_arrays[:2])
-        assert np.isfinite(detector.offset_), seed
-        assert np.isfinite(detector.pixel_threshold_), seed
-
-
 def test_thresholds_on_a_one_patch_grid(cell_arrays):
     module = torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1)
@@ -556,3 +545,79 @@ def test_dask_cluster_selects_the_same_bank(cell_arrays):
             remote = PatchCoreDetector(**params).fit(cell_arrays[:6])
     np.testing.assert_array_equal(remote.memory_bank_, local.memory_bank_)
     assert remote.offset_ == local.offset_
+
+
+def test_first_partial_fit_is_fit(cell_arrays):
+    fitted = PatchCoreDetector(**FAST_PARAMS).fit(cell_arrays[:5])
+    partial = PatchCoreDetector(**FAST_PARAMS).partial_fit(cell_arrays[:5])
+    np.testing.assert_array_equal(partial.memory_bank_, fitted.memory_bank_)
+    assert partial.offset_ == fitted.offset_
+    assert partial.pixel_threshold_ == fitted.pixel_threshold_
+    # fit starts afresh, also after partial_fit.
+    partial.partial_fit(cell_arrays[5:7]).fit(cell_arrays[:5])
+    np.testing.assert_array_equal(partial.memory_bank_, fitted.memory_bank_)
+    assert partial.n_train_images_ == 5
+
+
+def test_partial_fit_adds_a_coreset_of_the_new_images(cell_arrays):
+    detector = PatchCoreDetector(**FAST_PARAMS).partial_fit(cell_arrays[:4])
+    before = detector.memory_bank_.copy()
+    detector.partial_fit(cell_arrays[4:7])
+    bank = detector.memory_bank_
+    n_patches = 7 * np.prod(detector.grid_shape_)
+    assert len(bank) == np.ceil(FAST_PARAMS["coreset_ratio"] * n_patches)
+    np.testing.assert_array_equal(bank[: len(before)], before)
+    new_patches = detector.feature_extractor_.transform(cell_arrays[4:7])
+    new_patches = new_patches.reshape(-1, bank.shape[1])
+    for row in bank[len(before) :]:
+        assert np.abs(new_patches - row).max(axis=1).min() < 1e-6
+    assert detector.n_train_images_ == 7
+
+
+def test_partial_fit_thresholds_follow_more_varied_images(cell_arrays):
+    params = dict(FAST_PARAMS, coreset_ratio=1.0)
+    detector = PatchCoreDetector(**params).fit(cell_arrays[:4])
+    offset, pixel_threshold = detector.offset_, detector.pixel_threshold_
+    # Good images that vary more: a coarse random pattern of its own in each
+    # (blocks of 20 pixels, which survive the resize to 64).
+    rng = np.random.default_rng(0)
+    varied = cell_arrays[4:8].copy()
+    pattern = rng.integers(0, 255, (4, 10, 10), np.uint8)
+    varied[:, 50:250, 50:250] = np.kron(pattern, np.ones((1, 20, 20), np.uint8))
+    detector.partial_fit(varied)
+    assert detector.n_calibration_images_ == 8
+    assert detector.offset_ < offset
+    assert detector.pixel_threshold_ > pixel_threshold
+    # The earlier images keep their scores: a lower offset, never a higher one.
+    np.testing.assert_allclose(detector.offset_, detector.calibration_scores_.min())
+
+
+def test_partial_fit_after_loading(cell_arrays, tmp_path):
+    detector = PatchCoreDetector(**FAST_PARAMS).fit(cell_arrays[:4])
+    joblib.dump(detector, tmp_path / "detector.joblib")
+    loaded = joblib.load(tmp_path / "detector.joblib")
+    loaded.partial_fit(cell_arrays[4:6])
+    detector.partial_fit(cell_arrays[4:6])
+    np.testing.assert_array_equal(loaded.memory_bank_, detector.memory_bank_)
+    assert loaded.offset_ == detector.offset_
+    np.testing.assert_array_equal(
+        loaded.score_samples(cell_arrays[6:8]), detector.score_samples(cell_arrays[6:8])
+    )
+
+
+def test_partial_fit_refuses_changed_model_parameters(fast_detector, cell_arrays):
+    detector = copy.deepcopy(fast_detector).set_params(patch_size=5)
+    with pytest.raises(ValueError, match="Cannot partial_fit: .*patch_size=3 at fit"):
+        detector.partial_fit(cell_arrays[:2])
+    # One new image is enough once fitted; the runtime parameters may change.
+    detector.set_params(patch_size=3, batch_size=1).partial_fit(cell_arrays[:1])
+    assert detector.n_train_images_ == fast_detector.n_train_images_ + 1
+
+
+def test_partial_fit_bounds_the_calibration_sample(cell_arrays):
+    params = dict(FAST_PARAMS, max_calibration_images=3)
+    detector = PatchCoreDetector(**params).fit(cell_arrays[:4])
+    assert detector.n_calibration_images_ == 3
+    detector.partial_fit(cell_arrays[4:8])
+    assert detector.n_calibration_images_ == 3
+    assert len(detector.calibration_scores_) == 3
