@@ -621,3 +621,21 @@ def test_partial_fit_bounds_the_calibration_sample(cell_arrays):
     detector.partial_fit(cell_arrays[4:8])
     assert detector.n_calibration_images_ == 3
     assert len(detector.calibration_scores_) == 3
+
+
+@pytest.mark.parametrize("method", ["fit", "partial_fit"])
+def test_a_failed_fit_leaves_the_detector_as_it_was(cell_arrays, tmp_path, method):
+    detector = PatchCoreDetector(**FAST_PARAMS).fit(cell_arrays[:3])
+    saved = copy.deepcopy(detector.__dict__)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    good = tmp_path / "good.png"
+    Image.fromarray(cell_arrays[3]).save(good)
+    with pytest.raises(ValueError, match="broken.png"):
+        getattr(detector, method)([good, broken])
+    np.testing.assert_array_equal(detector.memory_bank_, saved["memory_bank_"])
+    for name in ("offset_", "pixel_threshold_", "n_train_images_"):
+        assert getattr(detector, name) == saved[name]
+    assert (
+        detector._random_state.get_state()[2] == saved["_random_state"].get_state()[2]
+    )
