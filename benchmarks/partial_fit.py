@@ -14,9 +14,7 @@ Usage, from the repository root::
 """
 
 import argparse
-import datetime
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from quality import machine_note  # noqa: E402
+from quality import command_line, print_run_facts  # noqa: E402
 from scale import coverage_radius, load_cells  # noqa: E402
 
 
@@ -90,9 +88,7 @@ def main(argv=None):
     from skpatchcore import PatchCoreDetector
 
     args = parse_args(argv)
-    command = "python " + shlex.join(
-        [os.path.relpath(__file__, REPO), *(sys.argv[1:] if argv is None else argv)]
-    )
+    command = command_line(__file__, argv)
     header = (
         "| data set | how | image AUROC | pixel AUROC | AUPRO | coverage radius "
         "| bank | last call s |"
@@ -136,13 +132,10 @@ def main(argv=None):
             ]
             lines.append("| " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
-    print()
-    print(f"Date: {datetime.date.today().isoformat()}")
-    print(f"Command: {command}")
-    print(f"Machine: {machine_note()}")
-    print(
-        f"Settings: efficientnet_lite0, coreset_ratio {args.coreset_ratio}, seed "
-        f"{args.seed}; MPDD resize 256 / crop 224, ELPV whole cell at 224"
+    print_run_facts(
+        command,
+        f"efficientnet_lite0, coreset_ratio {args.coreset_ratio}, seed "
+        f"{args.seed}; MPDD resize 256 / crop 224, ELPV whole cell at 224",
     )
     print()
     print("\n".join(lines))

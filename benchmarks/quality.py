@@ -420,6 +420,21 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
+def command_line(script, argv):
+    """How ``script`` was run with ``argv`` (None: this process's arguments)."""
+    arguments = sys.argv[1:] if argv is None else argv
+    return "python " + shlex.join([os.path.relpath(script, REPO), *arguments])
+
+
+def print_run_facts(command, settings):
+    """Print the date, command, machine and settings lines above a table."""
+    print()
+    print(f"Date: {datetime.date.today().isoformat()}")
+    print(f"Command: {command}")
+    print(f"Machine: {machine_note()}")
+    print(f"Settings: {settings}")
+
+
 def machine_note():
     cpu = platform.processor() or platform.machine()
     try:
@@ -440,9 +455,7 @@ def main(argv=None):
         worker(args)
         return 0
     started = time.perf_counter()
-    command = "python " + shlex.join(
-        [os.path.relpath(__file__, REPO), *(sys.argv[1:] if argv is None else argv)]
-    )
+    command = command_line(__file__, argv)
     datasets, notes = dataset_notes(args)
     methods = list(args.methods)
     if "anomalib" in methods:
@@ -485,17 +498,13 @@ def main(argv=None):
                     f"{wall:.0f} s"
                 )
 
-    today = datetime.date.today().isoformat()
-    print()
-    print(f"Date: {today}")
-    print(f"Command: {command}")
-    print(f"Machine: {machine_note()}")
-    print(
-        f"Settings: backbone {BACKBONE} (ImageNet weights), image_size "
-        f"{IMAGE_SIZE}, resize {RESIZE}, coreset_ratio {args.coreset_ratio}, "
+    print_run_facts(
+        command,
+        f"backbone {BACKBONE} (ImageNet weights), image_size {IMAGE_SIZE}, "
+        f"resize {RESIZE}, coreset_ratio {args.coreset_ratio}, "
         f"{args.num_neighbors} re-weighting neighbours, batch size "
         f"{args.batch_size}, seed {args.seed}, CPU, median of {args.repeat} "
-        "prediction passes"
+        "prediction passes",
     )
     print()
     print(markdown_table(rows))

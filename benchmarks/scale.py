@@ -26,10 +26,8 @@ Usage, from the repository root::
 """
 
 import argparse
-import datetime
 import json
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -41,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from quality import machine_note, run_child  # noqa: E402
+from quality import command_line, print_run_facts, run_child  # noqa: E402
 
 IMAGE_SIZE = 224
 # Images added by one partial_fit call after each fit.
@@ -285,9 +283,7 @@ def main(argv=None):
         worker(args)
         return 0
     started = time.perf_counter()
-    command = "python " + shlex.join(
-        [os.path.relpath(__file__, REPO), *(sys.argv[1:] if argv is None else argv)]
-    )
+    command = command_line(__file__, argv)
     anomalib_ok = Path(args.anomalib_python).is_file()
     header = (
         "| N images | method | fit s | fit ms/img | features s | coreset s "
@@ -357,14 +353,12 @@ def main(argv=None):
             lines.append("| " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
 
-    print()
-    print(f"Date: {datetime.date.today().isoformat()}")
-    print(f"Command: {command}")
-    print(f"Machine: {machine_note()}")
-    print(
-        f"Settings: ELPV cells (mono and poly), whole cell resized to {IMAGE_SIZE}, "
+    print_run_facts(
+        command,
+        f"ELPV cells (mono and poly), whole cell resized to {IMAGE_SIZE}, "
         f"coreset_ratio {args.coreset_ratio}, n_jobs {args.n_jobs}, seed "
-        f"{args.seed}, CPU; test: {args.n_test} good + {args.n_test} defective cells"
+        f"{args.seed}, CPU; test: {args.n_test} good + {args.n_test} defective "
+        "cells",
     )
     print()
     print("\n".join(lines))

@@ -25,6 +25,17 @@ FAST_PARAMS = dict(
 )
 
 
+def brute_force_k_center(points, n_samples, start):
+    """Algorithm 1 written out with a full distance matrix (toy sizes only)."""
+    distances = np.linalg.norm(points[:, None, :] - points[None, :, :], axis=2)
+    chosen = [start]
+    while len(chosen) < n_samples:
+        nearest = distances[:, chosen].min(axis=1)
+        nearest[chosen] = -1.0
+        chosen.append(int(np.argmax(nearest)))
+    return np.array(chosen)
+
+
 @pytest.fixture(scope="session")
 def elpv_small():
     """Real solar cells: 8 good training cells, 4 good and 4 defective test cells."""

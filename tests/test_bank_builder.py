@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import brute_force_k_center
 
 from skpatchcore._bank_builder import BankBuilder, plan_chunks
 from skpatchcore._coreset import random_projection
@@ -25,16 +26,6 @@ class ToyExtractor:
 def toy_images(n_images, grid=(2, 3), dim=6, seed=0):
     rng = np.random.default_rng(seed)
     return list(rng.normal(size=(n_images, *grid, dim)).astype(np.float32))
-
-
-def brute_force_k_center(points, n_samples, start):
-    distances = np.linalg.norm(points[:, None, :] - points[None, :, :], axis=2)
-    chosen = [start]
-    while len(chosen) < n_samples:
-        nearest = distances[:, chosen].min(axis=1)
-        nearest[chosen] = -1.0
-        chosen.append(int(np.argmax(nearest)))
-    return np.array(chosen)
 
 
 def build(images, coreset_ratio=0.2, **params):

@@ -1,18 +1,8 @@
 import numpy as np
 import pytest
+from conftest import brute_force_k_center
 
 from skpatchcore._coreset import greedy_coreset, random_projection, split_budget
-
-
-def brute_force_k_center(points, n_samples, start):
-    """Algorithm 1 written out with a full distance matrix (toy sizes only)."""
-    distances = np.linalg.norm(points[:, None, :] - points[None, :, :], axis=2)
-    chosen = [start]
-    while len(chosen) < n_samples:
-        nearest = distances[:, chosen].min(axis=1)
-        nearest[chosen] = -1.0
-        chosen.append(int(np.argmax(nearest)))
-    return np.array(chosen)
 
 
 def test_matches_brute_force_without_projection():
