@@ -18,6 +18,21 @@ from scipy import sparse
 
 _CHANNELS = (1, 3, 4)
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def list_image_files(folder):
+    """The image files directly inside ``folder``, sorted by name."""
+    # Hidden files are skipped because archives made on macOS carry
+    # "._name.png" resource forks that are not images.
+    return sorted(
+        path
+        for path in Path(folder).iterdir()
+        if path.is_file()
+        and not path.name.startswith(".")
+        and path.suffix.lower() in IMAGE_SUFFIXES
+    )
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -61,10 +76,12 @@ def check_images(X):
 
     Parameters
     ----------
-    X : array-like or list
+    X : array-like, list or folder
         A uint8/uint16/float array of shape (n, H, W) or (n, H, W, C) with C
-        in {1, 3, 4}, or a list (or 1-D object array) whose items are such
-        2-D/3-D arrays, PIL images or image file paths (str or path-like).
+        in {1, 3, 4}, a list (or 1-D object array) whose items are such
+        2-D/3-D arrays, PIL images or image file paths (str or path-like),
+        or the path of a folder, which stands for its image files sorted by
+        name.
 
     Returns
     -------
@@ -75,10 +92,17 @@ def check_images(X):
         :func:`load_image`.
     """
     if isinstance(X, (str, os.PathLike)):
-        raise TypeError(
-            "X must be a collection of images; to pass one image file, "
-            f"wrap it in a list: [{str(X)!r}]."
-        )
+        if not Path(X).is_dir():
+            raise TypeError(
+                "X must be a collection of images or a folder of image files; "
+                f"to pass one image file, wrap it in a list: [{str(X)!r}]."
+            )
+        folder, X = X, list_image_files(X)
+        if not X:
+            raise ValueError(
+                f"The folder {str(folder)!r} holds no image files "
+                f"({', '.join(IMAGE_SUFFIXES)})."
+            )
     if isinstance(X, Image.Image):
         raise TypeError(
             "X must be a collection of images; wrap one PIL image in a list."
@@ -123,6 +147,11 @@ def check_images(X):
     for index, item in enumerate(items):
         if isinstance(item, (str, os.PathLike)):
             path = Path(item)
+            if path.is_dir():
+                raise ValueError(
+                    f"Image {index} of X, {str(path)!r}, is a folder: pass the "
+                    "folder itself as X to use its image files."
+                )
             if not path.is_file():
                 missing.append(str(path))
             sources.append(path)

@@ -13,9 +13,9 @@ from PIL import Image
 from sklearn.utils import Bunch, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 
-__all__ = ["load_elpv", "load_mask", "load_mvtec_folder"]
+from ._images import IMAGE_SUFFIXES, list_image_files
 
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+__all__ = ["load_elpv", "load_mask", "load_mvtec_folder"]
 
 
 def _read_image(path):
@@ -33,18 +33,6 @@ def _image_size(path):
     with Image.open(path) as image:
         width, height = image.size
     return height, width
-
-
-def _list_images(folder):
-    # Hidden files are skipped because archives made on macOS carry
-    # "._name.png" resource forks that are not images.
-    return sorted(
-        path
-        for path in folder.iterdir()
-        if path.is_file()
-        and not path.name.startswith(".")
-        and path.suffix.lower() in _IMAGE_SUFFIXES
-    )
 
 
 @validate_params(
@@ -116,7 +104,7 @@ def load_mask(mask, shape=None):
 
 def _find_mask(root, defect_type, image):
     folder = root / "ground_truth" / defect_type
-    for suffix in _IMAGE_SUFFIXES:
+    for suffix in IMAGE_SUFFIXES:
         candidate = folder / f"{image.stem}_mask{suffix}"
         if candidate.is_file():
             return candidate
@@ -226,7 +214,7 @@ def load_mvtec_folder(path, *, lazy=True):
                 "train/good, test/<defect type> and ground_truth/<defect type>."
             )
 
-    train_images = _list_images(train_dir)
+    train_images = list_image_files(train_dir)
     if not train_images:
         raise ValueError(f"No images found in {train_dir}.")
 
@@ -237,7 +225,7 @@ def load_mvtec_folder(path, *, lazy=True):
         if folder.is_dir() and not folder.name.startswith(".")
     )
     for defect_dir in defect_dirs:
-        for image in _list_images(defect_dir):
+        for image in list_image_files(defect_dir):
             test_images.append(image)
             test_defect_types.append(defect_dir.name)
             if defect_dir.name == "good":

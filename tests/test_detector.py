@@ -162,6 +162,7 @@ def test_input_forms_agree(fast_detector, cell_arrays, tmp_path):
         "paths": paths,
         "str paths": [str(p) for p in paths],
         "path array": np.array([str(p) for p in paths]),
+        "folder": tmp_path,
         "uint16": images.astype(np.uint16) * 257,
     }
     for name, X in forms.items():

@@ -96,3 +96,22 @@ def test_user_array_is_not_modified(shape):
     for source in check_images(images):
         load_image(source)[...] = 0.5
     np.testing.assert_array_equal(images, snapshot)
+
+
+def test_a_folder_stands_for_its_image_files(tmp_path):
+    for name in ("b.png", "a.jpg", "c.tif", ".hidden.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    expected = [tmp_path / "a.jpg", tmp_path / "b.png", tmp_path / "c.tif"]
+    assert check_images(tmp_path) == expected
+    assert check_images(str(tmp_path)) == expected
+
+
+def test_folder_mistakes_are_named(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="holds no image files"):
+        check_images(tmp_path)
+    with pytest.raises(ValueError, match="Image 1 of X, .* is a folder"):
+        check_images([tmp_path / "notes.txt", tmp_path])
+    with pytest.raises(TypeError, match="wrap it in a list"):
+        check_images(tmp_path / "notes.txt")
