@@ -368,10 +368,11 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : array-like or list of images
+        X : array-like, list of images or folder
             Good images: an array (n, H, W) or (n, H, W, C) with C in {1, 3,
-            4} of uint8, uint16 or float in [0, 1], or a list of such arrays
-            (sizes may differ), PIL images or image file paths.
+            4} of uint8, uint16 or float in [0, 1], a list of such arrays
+            (sizes may differ), PIL images or image file paths, or the path
+            of a folder, which stands for its image files sorted by name.
 
         y : None
             Ignored. Not used, present for API consistency by convention.

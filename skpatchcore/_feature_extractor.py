@@ -379,9 +379,9 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : array-like or list of images
-            Arrays (n, H, W) or (n, H, W, C), or a list of arrays, PIL images
-            or image file paths.
+        X : array-like, list of images or folder
+            Arrays (n, H, W) or (n, H, W, C), a list of arrays, PIL images
+            or image file paths, or a folder of image files.
 
         Returns
         -------
