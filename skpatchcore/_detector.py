@@ -202,10 +202,10 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
     n_calibration_images_ : int
         Training images whose held-out scores set the thresholds.
 
-    calibration_scores_ : ndarray of shape (n_calibration_images_,)
+    calibration_scores_ : ndarray of shape (n_calibration_images,)
         Held-out ``score_samples`` of the calibration images.
 
-    calibration_map_maxima_ : ndarray of shape (n_calibration_images_,)
+    calibration_map_maxima_ : ndarray of shape (n_calibration_images,)
         Largest held-out anomaly-map value of each calibration image.
 
     grid_shape_ : tuple of int
