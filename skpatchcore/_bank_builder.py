@@ -74,6 +74,9 @@ class BankBuilder:
     n_jobs : int or None
         Chunks selected in parallel, through joblib.
 
+    batch_size : int
+        Images per forward pass of the backbone.
+
     random_state : numpy.random.RandomState
         Draws, in this order, the shuffle of images among chunks (only with
         several chunks), the projection and one starting point per chunk.
@@ -90,6 +93,7 @@ class BankBuilder:
         method,
         chunk_size,
         n_jobs,
+        batch_size,
         random_state,
         verbose,
     ):
@@ -98,6 +102,7 @@ class BankBuilder:
         self.method = method
         self.chunk_size = chunk_size
         self.n_jobs = n_jobs
+        self.batch_size = batch_size
         self.random_state = random_state
         self.verbose = verbose
 
@@ -187,7 +192,9 @@ class BankBuilder:
             dtype=np.float32,
         )
         row = 0
-        batches = self.extractor.iter_batches([sources[i] for i in images])
+        batches = self.extractor.iter_batches(
+            [sources[i] for i in images], self.batch_size
+        )
         for batch, _ in batches:
             batch = batch.reshape(len(batch), patches_per_image, -1)
             for image_features in batch:

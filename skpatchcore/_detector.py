@@ -482,6 +482,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             method=self.coreset_method,
             chunk_size=self.coreset_chunk_size,
             n_jobs=self.n_jobs,
+            batch_size=self.batch_size,
             random_state=random_state,
             verbose=self.verbose,
         )

@@ -12,15 +12,14 @@ from skpatchcore._coreset import random_projection
 class ToyExtractor:
     """Stands in for a fitted PatchFeatureExtractor: each "image" is its grid."""
 
-    def __init__(self, grid_shape, feature_dim, batch_size=3):
+    def __init__(self, grid_shape, feature_dim):
         self.grid_shape_ = grid_shape
         self.feature_dim_ = feature_dim
         self.device_ = torch.device("cpu")
-        self.batch_size = batch_size
 
-    def iter_batches(self, sources):
-        for start in range(0, len(sources), self.batch_size):
-            yield np.stack(sources[start : start + self.batch_size]), None
+    def iter_batches(self, sources, batch_size):
+        for start in range(0, len(sources), batch_size):
+            yield np.stack(sources[start : start + batch_size]), None
 
 
 def toy_images(n_images, grid=(2, 3), dim=6, seed=0):
@@ -35,6 +34,7 @@ def build(images, coreset_ratio=0.2, **params):
             method="partitioned",
             chunk_size=18,
             n_jobs=None,
+            batch_size=3,
             random_state=np.random.RandomState(0),
             verbose=0,
         )
