@@ -192,7 +192,8 @@ class BankBuilder:
             dtype=np.float32,
         )
         row = 0
-        batches = self.extractor.iter_batches(
+        # The sources were validated once, by the caller.
+        batches = self.extractor._iter_sources(
             [sources[i] for i in images], self.batch_size
         )
         for batch, _ in batches:

@@ -622,7 +622,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         self._check_unchanged_since_fit()
         sources = check_images(X)
         with progress_bar(len(sources), "scoring", "images", self.verbose) as bar:
-            for features, geometries in self.feature_extractor_.iter_batches(
+            for features, geometries in self.feature_extractor_._iter_sources(
                 sources, self.batch_size
             ):
                 scores, patch_scores = self._score_features(self._searcher, features)

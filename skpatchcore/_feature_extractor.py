@@ -359,7 +359,10 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
             crop), to map anomaly maps back onto the image.
         """
         check_is_fitted(self)
-        sources = check_images(X)
+        return self._iter_sources(check_images(X), batch_size)
+
+    def _iter_sources(self, sources, batch_size=None):
+        """:meth:`iter_batches` on sources that ``check_images`` returned."""
         batch_size = self.batch_size if batch_size is None else batch_size
         n_batches = -(-len(sources) // batch_size)
         for number, start in enumerate(range(0, len(sources), batch_size)):

@@ -17,7 +17,7 @@ class ToyExtractor:
         self.feature_dim_ = feature_dim
         self.device_ = torch.device("cpu")
 
-    def iter_batches(self, sources, batch_size):
+    def _iter_sources(self, sources, batch_size):
         for start in range(0, len(sources), batch_size):
             yield np.stack(sources[start : start + batch_size]), None
 
