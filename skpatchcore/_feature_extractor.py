@@ -359,7 +359,7 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
             crop), to map anomaly maps back onto the image.
         """
         check_is_fitted(self)
-        return self._iter_sources(check_images(X), batch_size)
+        yield from self._iter_sources(check_images(X), batch_size)
 
     def _iter_sources(self, sources, batch_size=None):
         """:meth:`iter_batches` on sources that ``check_images`` returned."""
