@@ -45,17 +45,29 @@ def test_precise_where_the_expanded_formula_cancels():
     np.testing.assert_allclose(distances[0, 0], true_distance, rtol=1e-6)
 
 
-def test_independent_of_block_size(data, monkeypatch):
+@pytest.mark.parametrize("query_tile, bank_tile", [(7, 64), (300, 5), (1, 1000)])
+def test_independent_of_tiles(data, monkeypatch, query_tile, bank_tile):
     bank, queries = data
+    # Exact duplicates: ties must resolve to the lower bank row whichever
+    # tile each copy falls in.
+    bank = np.concatenate([bank, bank[::-1]])
+    groups = (np.arange(len(queries)) % 3, np.arange(len(bank)) % 3)
     whole = MemoryBank(bank).kneighbors(queries, 3)
-    monkeypatch.setattr(_memory_bank, "_BLOCK_ENTRIES", 7 * len(bank))
-    blocked = MemoryBank(bank).kneighbors(queries, 3)
+    whole_excluded = MemoryBank(bank).kneighbors(queries, 3, groups)
+    monkeypatch.setattr(_memory_bank, "_QUERY_TILE", query_tile)
+    monkeypatch.setattr(_memory_bank, "_BANK_TILE", bank_tile)
+    tiled = MemoryBank(bank).kneighbors(queries, 3)
+    tiled_excluded = MemoryBank(bank).kneighbors(queries, 3, groups)
     split = [
-        MemoryBank(bank).kneighbors(queries[i : i + 1], 3) for i in range(len(queries))
+        MemoryBank(bank).kneighbors(queries[i : i + 50], 3)
+        for i in range(0, len(queries), 50)
     ]
-    for result in (blocked, tuple(np.concatenate(p) for p in zip(*split))):
+    for result in (tiled, tuple(np.concatenate(p) for p in zip(*split))):
         np.testing.assert_array_equal(result[1], whole[1])
         np.testing.assert_array_equal(result[0], whole[0])
+    np.testing.assert_array_equal(tiled_excluded[1], whole_excluded[1])
+    expected_d, expected_i = brute_force(queries, bank, 3)
+    np.testing.assert_array_equal(whole[1], expected_i)
 
 
 def test_excluded_groups_are_never_matched(data):
