@@ -59,9 +59,30 @@ def parse_args(argv=None):
 
     parser.add_argument("--sizes", type=sizes, default=[100, 300, 1000, 2624, 10000])
     parser.add_argument("--exact-sizes", type=sizes, default=[100, 300])
+    parser.add_argument(
+        "--chunk-sizes",
+        type=sizes,
+        default=[],
+        help="coreset_chunk_size of the partitioned rows; default: the detector's",
+    )
+    parser.add_argument(
+        "--radius-sizes",
+        type=sizes,
+        default=[],
+        help="N at which every row also reports its coverage radius "
+        "(always at --exact-sizes)",
+    )
     parser.add_argument("--anomalib-sizes", type=sizes, default=[100])
     parser.add_argument(
         "--wrn-size", type=int, default=10000, help="0 leaves the row out"
+    )
+    parser.add_argument(
+        "--wrn-calibration-images",
+        type=int,
+        default=20,
+        help="max_calibration_images of the wide_resnet50_2 row, whose "
+        "calibration against a bank of 1024-dimensional features would "
+        "otherwise take longer than its features",
     )
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
     parser.add_argument("--n-test", type=int, default=50, help="test cells per class")
@@ -176,6 +197,12 @@ def _skpatchcore_row(spec, train, test, args):
         resize=None,
         coreset_ratio=args.coreset_ratio,
         coreset_method=spec["coreset_method"],
+        **({"coreset_chunk_size": spec["chunk_size"]} if "chunk_size" in spec else {}),
+        **(
+            {"max_calibration_images": spec["calibration_images"]}
+            if "calibration_images" in spec
+            else {}
+        ),
         n_jobs=args.n_jobs,
         device="cpu",
         random_state=args.seed,
@@ -198,6 +225,9 @@ def _skpatchcore_row(spec, train, test, args):
     }
     if spec.get("radius"):
         result["coverage_radius"] = coverage_radius(detector, train)
+    if "calibration_images" in spec:
+        # A speed-and-memory row: partial_fit would only repeat its costs.
+        return result
     more = load_cells(len(train) + PARTIAL_IMAGES, args)[0][len(train) :]
     start = time.perf_counter()
     detector.partial_fit(more)
@@ -240,9 +270,16 @@ def _anomalib_row(train, test, args):
 def row_specs(args):
     specs = []
     for n in args.sizes:
-        specs.append(dict(n_train=n, method="skpatchcore", coreset_method="auto"))
+        radius = n in args.exact_sizes or n in args.radius_sizes
+        for chunk_size in args.chunk_sizes or [None]:
+            specs.append(
+                dict(n_train=n, method="skpatchcore", coreset_method="auto")
+            )
+            if chunk_size is not None:
+                specs[-1]["chunk_size"] = chunk_size
+            if radius:
+                specs[-1]["radius"] = True
         if n in args.exact_sizes:
-            specs[-1]["radius"] = True
             specs.append(
                 dict(
                     n_train=n,
@@ -261,6 +298,7 @@ def row_specs(args):
                 coreset_method="auto",
                 backbone="wide_resnet50_2",
                 weights=None,
+                calibration_images=args.wrn_calibration_images,
             )
         )
     for spec in specs:
@@ -273,7 +311,12 @@ def _label(spec):
     if spec["method"] == "anomalib":
         return "anomalib 2.7.0"
     if spec["backbone"] != "efficientnet_lite0":
-        return f"skpatchcore {spec['backbone']} (random weights)"
+        return (
+            f"skpatchcore {spec['backbone']} (random weights, "
+            f"{spec['calibration_images']} calibration images)"
+        )
+    if "chunk_size" in spec:
+        return f"skpatchcore {spec['coreset_method']}, chunk {spec['chunk_size']}"
     return f"skpatchcore {spec['coreset_method']}"
 
 
