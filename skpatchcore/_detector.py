@@ -9,13 +9,14 @@ from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._available_if import available_if
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import check_is_fitted, column_or_1d
 
 from ._anomaly_maps import model_input_maps, to_original_geometry
 from ._bank_builder import BankBuilder
 from ._feature_extractor import PatchFeatureExtractor
 from ._images import check_images
 from ._memory_bank import MemoryBank
+from ._persistence import index_state, portable, restore, restore_index
 from ._progress import progress_bar
 from ._scoring import reweighted_scores
 
@@ -43,6 +44,41 @@ def _equal(a, b):
         return bool(a == b)
     except (TypeError, ValueError):
         return False
+
+
+def _good_images(sources, y):
+    """The images of ``sources`` labelled +1 in ``y``; all of them if y is None."""
+    if y is None:
+        return sources
+    y = column_or_1d(y, warn=True)
+    if len(y) != len(sources):
+        raise ValueError(
+            f"y has {len(y)} labels for the {len(sources)} images of X; one "
+            "label per image is needed."
+        )
+    if y.dtype.kind not in "iuf" or not np.isin(y, (-1, 1)).all():
+        try:
+            found = np.unique(y).tolist()
+        except TypeError:
+            found = sorted({repr(label) for label in y.tolist()})
+        shown = ", ".join(map(str, found[:10])) + (", ..." if len(found) > 10 else "")
+        hint = ""
+        if set(found) <= {0, 1}:
+            hint = (
+                " Labels coded 0/1 are refused, as 1 means good in some "
+                "conventions and anomalous in others."
+            )
+        raise ValueError(
+            "y must label each image of X +1 (good) or -1 (anomalous), as "
+            f"predict does; got the values {shown}.{hint}"
+        )
+    good = np.flatnonzero(y == 1)
+    if len(good) == 0:
+        raise ValueError(
+            "y labels every image of X -1 (anomalous): the detector is fitted "
+            "on the +1 (good) images only, and there are none."
+        )
+    return [sources[i] for i in good]
 
 
 def _novelty_only(detector):
@@ -159,7 +195,10 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         it is available. The device actually used is ``device_``.
 
     batch_size : int, default=16
-        Images per forward pass.
+        Images per forward pass. Results depend on it through float32
+        rounding only: the backbone's convolutions choose their algorithm by
+        batch size, which moves features in their last bits, and scores
+        agree to a relative 1e-5 between batch sizes.
 
     n_jobs : int, default=None
         Chunks of the partitioned coreset selected in parallel, through
@@ -197,7 +236,8 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         Anomaly-map value above which ``predict_masks`` marks a pixel.
 
     n_train_images_ : int
-        Number of training images, over all calls of :meth:`partial_fit`.
+        Number of images trained on, over all calls of :meth:`partial_fit`:
+        those labelled +1 when ``y`` is given.
 
     n_calibration_images_ : int
         Training images whose held-out scores set the thresholds.
@@ -260,11 +300,10 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
     Model selection. Labels follow ``predict``: +1 normal, -1 anomalous.
     With ``GridSearchCV(..., scoring="roc_auc")`` the positive class is +1
     and the score is ``decision_function`` (higher is more normal), which
-    gives the usual anomaly-detection AUROC. As the detector must be fitted
-    on normal images only, pass ``cv=NoveltyCV(StratifiedKFold(...))``
-    (:class:`~skpatchcore.model_selection.NoveltyCV` drops anomalies from the
-    training folds), use ``refit=False``, and fit the best parameters on the
-    normal images.
+    gives the usual anomaly-detection AUROC. ``fit`` and ``partial_fit``
+    leave out the images that ``y`` labels -1, so a plain
+    ``StratifiedKFold`` and ``refit=True`` fit every candidate, and the
+    refit best one, on the normal images only.
 
     References
     ----------
@@ -373,16 +412,24 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             4} of uint8, uint16 or float in [0, 1], a list of such arrays
             (sizes may differ), PIL images or image file paths, or the path
             of a folder, which stands for its image files sorted by name.
+            A 3-D array whose last axis has 3 or 4 entries, fewer than each
+            of the other two, is refused as one colour image without its
+            batch axis.
 
-        y : None
-            Ignored. Not used, present for API consistency by convention.
+        y : array-like of shape (n_samples,), default=None
+            Labels, if given: +1 good, -1 anomalous; images labelled -1 are
+            left out of training, so that ``GridSearchCV(..., refit=True)``
+            and plain cross-validation splitters never put anomalies into
+            the memory bank. Any other value raises a ValueError (0/1 codes
+            included), as does a ``y`` without a +1 label. None (the
+            default) trains on every image.
 
         Returns
         -------
         self : object
             The fitted detector.
         """
-        return self._add_images(X, first=True)
+        return self._add_images(X, y, first=True)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None):
@@ -404,8 +451,10 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             Good images in any form accepted by :meth:`fit`; at least two on
             the first call, at least one later.
 
-        y : None
-            Ignored. Not used, present for API consistency by convention.
+        y : array-like of shape (n_samples,), default=None
+            Labels, if given: +1 good, -1 anomalous; images labelled -1 are
+            left out, as in :meth:`fit`, and at least one +1 image is
+            needed. None adds every image.
 
         Returns
         -------
@@ -433,15 +482,16 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
                     "again to update it."
                 )
             self._check_unchanged_since_fit("partial_fit")
-        return self._add_images(X, first=not hasattr(self, "memory_bank_"))
+        return self._add_images(X, y, first=not hasattr(self, "memory_bank_"))
 
-    def _add_images(self, X, first):
+    def _add_images(self, X, y, first):
         """Fit on the images of ``X`` (``first``), or add them to the model.
 
+        Only the images that ``y`` labels +1 are used, all if it is None.
         Everything is computed before any fitted attribute is set, so that a
         call that fails leaves the detector as it was.
         """
-        sources = check_images(X)
+        sources = _good_images(check_images(X), y)
         n_new = len(sources)
         if first:
             if n_new < 2:
@@ -742,17 +792,30 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         return [m > self.pixel_threshold_ for m in self.anomaly_maps(X)]
 
     def __getstate__(self):
+        # Plain data only (no torch object, no compiled function), so that
+        # skops.io can store the detector as well as pickle.
         state = super().__getstate__().copy()
+        state["backbone"] = portable(state["backbone"])
+        if "_fitted_params" in state:
+            fitted_params = state["_fitted_params"]
+            state["_fitted_params"] = dict(
+                fitted_params, backbone=portable(fitted_params["backbone"])
+            )
         searcher = state.pop("_searcher", None)
         if searcher is not None:
             # joblib does not share arrays between references: saving the
             # searcher would store the memory bank twice.
-            state["_searcher"] = (searcher.random_state, searcher._index)
+            state["_searcher"] = (searcher.random_state, index_state(searcher._index))
+            # A torch.device, taken from the extractor again on loading.
+            del state["device_"]
         return state
 
     def __setstate__(self, state):
         searcher = state.pop("_searcher", None)
         super().__setstate__(state)
+        self.backbone = restore(self.backbone)
+        if hasattr(self, "_fitted_params"):
+            self._fitted_params["backbone"] = restore(self._fitted_params["backbone"])
         if searcher is not None:
             # The extractor falls back to the CPU when the saved device is
             # missing here; the searches follow it.
@@ -763,7 +826,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
                 algorithm=self.nn_algorithm,
                 random_state=random_state,
                 device=self.device_,
-                index=index,
+                index=restore_index(index),
             )
 
     def __sklearn_tags__(self):

@@ -11,8 +11,14 @@ from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
-from ._backbones import build_feature_network, check_layers, load_backbone
+from ._backbones import (
+    build_feature_network,
+    check_layers,
+    describe_layers,
+    load_backbone,
+)
 from ._images import check_images, load_image, to_model_input
+from ._persistence import TensorDict, portable, restore
 
 
 def resolve_device(device):
@@ -27,6 +33,25 @@ def resolve_device(device):
         ) from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} was asked for, but CUDA is not available.")
+    if resolved.type == "meta":
+        raise ValueError(
+            f"device={device!r} holds no data, so no image can be scored on "
+            "it; pass device='auto' or 'cpu'."
+        )
+    try:
+        torch.empty(0, device=resolved)
+    except (RuntimeError, AssertionError, ImportError) as exc:
+        # Torch is built with every device type it can name, but a device is
+        # usable only with its hardware, drivers and torch build.
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        available = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        if torch.backends.mps.is_available():
+            available.append("mps")
+        raise ValueError(
+            f"device={device!r} is not available here ({reason}). Pass "
+            f"device='auto' (CUDA when available, else the CPU) or one of "
+            f"{available}."
+        ) from exc
     return resolved
 
 
@@ -242,7 +267,17 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         module, default_layers, mean, std = load_backbone(self.backbone, self.weights)
         layers = self.layers if self.layers is not None else default_layers
         if layers is None:
-            raise ValueError("layers must be given when backbone is a torch module.")
+            if isinstance(self.backbone, str):
+                raise ValueError(
+                    f"backbone={self.backbone!r} has no default layers (ResNets, "
+                    "Wide ResNets and 'efficientnet_lite0' have): pass layers, "
+                    "names of its mid-level submodules, shallowest first; "
+                    f"{describe_layers(module)}."
+                )
+            raise ValueError(
+                "layers must be given when backbone is a torch module; "
+                f"{describe_layers(module)}."
+            )
         self.layers_ = check_layers(module, layers)
         self.mean_, self.std_ = tuple(mean), tuple(std)
         self.device_ = resolve_device(self.device)
@@ -402,20 +437,29 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
     def __getstate__(self):
         # On Python >= 3.11 the inherited state is the live ``__dict__``: copy
         # it, or pickling would strip the fitted network from this extractor.
+        # The state holds no torch object, so that skops can store it too.
         state = dict(super().__getstate__())
         state.pop("_projection", None)
+        state["backbone"] = portable(state["backbone"])
+        if "device_" in state:
+            state["device_"] = str(state["device_"])
         if "model_" in state:
             # Only the kept submodules' weights travel, on the CPU, so the
-            # file loads without CUDA and without downloading anything.
-            state["model_"] = {
-                name: tensor.detach().cpu()
+            # file loads without CUDA and without downloading anything; the
+            # network is built again from the backbone's name or module.
+            state["model_"] = TensorDict(
+                (name, tensor.detach().cpu())
                 for name, tensor in state["model_"].state_dict().items()
-            }
+            )
         return state
 
     def __setstate__(self, state):
         weights = state.get("model_")
         super().__setstate__(state)
+        self.backbone = restore(self.backbone)
+        if hasattr(self, "device_"):
+            # Stored by name; files of earlier versions hold a torch.device.
+            self.device_ = torch.device(self.device_)
         if weights is None:
             return
         if self.device_.type == "cuda" and not torch.cuda.is_available():

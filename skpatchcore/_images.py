@@ -7,18 +7,34 @@ has to sit in memory at once.
 """
 
 import os
+from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from scipy import sparse
 
 _CHANNELS = (1, 3, 4)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+# Above this many pixels, an upscaled image is refused rather than resized:
+# 2**24 pixels are 200 MB as float32 RGB.
+_MAX_RESIZED_PIXELS = 2**24
+
+# What PIL raises on files it cannot decode: unknown formats and missing files
+# (OSError), broken chunks (SyntaxError), truncated data (EOFError, OSError),
+# bad header values (ValueError) and decompression bombs.
+_DECODING_ERRORS = (
+    OSError,
+    SyntaxError,
+    EOFError,
+    ValueError,
+    Image.DecompressionBombError,
+)
 
 
 def list_image_files(folder):
@@ -32,6 +48,24 @@ def list_image_files(folder):
         and not path.name.startswith(".")
         and path.suffix.lower() in IMAGE_SUFFIXES
     )
+
+
+@dataclass(frozen=True)
+class LazyImage:
+    """An image of ``X`` that is decoded only when loaded.
+
+    ``image`` is a ``Path`` or a PIL image; ``position`` is its index in
+    ``X``, which errors found while decoding it name.
+    """
+
+    image: object
+    position: int
+
+    def describe(self):
+        """The subject of an error message: the position, and the path if any."""
+        if isinstance(self.image, Path):
+            return f"Image {self.position} of X, {str(self.image)!r},"
+        return f"Image {self.position} of X (a PIL image in mode {self.image.mode!r})"
 
 
 @dataclass(frozen=True)
@@ -78,29 +112,35 @@ def check_images(X):
     ----------
     X : array-like, list or folder
         A uint8/uint16/float array of shape (n, H, W) or (n, H, W, C) with C
-        in {1, 3, 4}, a list (or 1-D object array) whose items are such
-        2-D/3-D arrays, PIL images or image file paths (str or path-like),
-        or the path of a folder, which stands for its image files sorted by
-        name.
+        in {1, 3, 4}, a list, tuple or iterator (or 1-D object array) whose
+        items are such 2-D/3-D arrays, PIL images or image file paths (str or
+        path-like), or the path of a folder, which stands for its image files
+        sorted by name. Byte order does not matter. A 3-D array whose last
+        axis has 3 or 4 entries, fewer than each of its first two, is refused
+        as ambiguous: it reads as one colour image (H, W, C) rather than a
+        stack of grayscale images 3 or 4 pixels wide.
 
     Returns
     -------
     sources : list
-        One item per image: a validated ndarray, a PIL image or a ``Path``.
-        In-memory images are checked here in full (dtype, shape, finite,
-        range); files are checked for existence here and decoded later by
-        :func:`load_image`.
+        One item per image: a validated ndarray, or a :class:`LazyImage`
+        holding a PIL image or a ``Path`` with its position in ``X``.
+        In-memory arrays are checked here in full (dtype, shape, finite,
+        range); files are checked for existence here, and files and PIL
+        images are decoded and checked later by :func:`load_image`.
     """
     if isinstance(X, (str, os.PathLike)):
         if not Path(X).is_dir():
+            missing = "" if Path(X).exists() else f"{str(X)!r} does not exist. "
             raise TypeError(
-                "X must be a collection of images or a folder of image files; "
-                f"to pass one image file, wrap it in a list: [{str(X)!r}]."
+                f"{missing}X must be a collection of images or a folder of "
+                "image files; to pass one image file, wrap it in a list: "
+                f"[{str(X)!r}]."
             )
         folder, X = X, list_image_files(X)
         if not X:
             raise ValueError(
-                f"The folder {str(folder)!r} holds no image files "
+                f"X is the folder {str(folder)!r}, which holds no image files "
                 f"({', '.join(IMAGE_SUFFIXES)})."
             )
     if isinstance(X, Image.Image):
@@ -112,23 +152,22 @@ def check_images(X):
             f"X is a sparse {type(X).__name__}; sparse input is not supported: "
             "pass images as dense arrays."
         )
+    if isinstance(X, Mapping):
+        raise TypeError(
+            f"X is a {type(X).__name__}, whose keys would be read as images: "
+            "pass the images themselves as a list, such as list(X.values())."
+        )
+    if isinstance(X, Set):
+        raise TypeError(
+            f"X is a {type(X).__name__}, which has no order, so results could "
+            "not be matched to images: pass a list, such as sorted(X)."
+        )
     if isinstance(X, np.ndarray) and X.ndim == 1 and X.dtype.kind in "OUS":
         # A 1-D array of paths or of images of different sizes, as fancy
         # indexing of a list makes them.
         X = list(X)
     if isinstance(X, np.ndarray):
-        if X.ndim not in (3, 4):
-            hint = (
-                " Reshape your data with X[np.newaxis] if it is a single image."
-                if X.ndim == 2
-                else ""
-            )
-            raise ValueError(
-                "An image array X must have shape (n_images, height, width) or "
-                f"(n_images, height, width, channels); got shape {X.shape}.{hint}"
-            )
-        if X.shape[0] == 0:
-            raise ValueError("X is empty: at least one image is required.")
+        _check_batch_shape(X)
         _check_array_image(X[0], index=0, batch=X)
         return list(X)
     if hasattr(X, "__array__") and not isinstance(X, (list, tuple)):
@@ -153,10 +192,10 @@ def check_images(X):
                     "folder itself as X to use its image files."
                 )
             if not path.is_file():
-                missing.append(str(path))
-            sources.append(path)
+                missing.append(f"image {index} ({str(path)!r})")
+            sources.append(LazyImage(path, index))
         elif isinstance(item, Image.Image):
-            sources.append(item)
+            sources.append(LazyImage(item, index))
         elif isinstance(item, np.ndarray) or hasattr(item, "__array__"):
             array = np.asarray(item)
             _check_array_image(array, index=index)
@@ -168,25 +207,44 @@ def check_images(X):
             )
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise ValueError(f"{len(missing)} image file(s) do not exist: {shown}")
+        raise ValueError(f"{len(missing)} image file(s) of X do not exist: {shown}")
     return sources
+
+
+def _check_batch_shape(X):
+    """Check the shape of an array that stacks images along its first axis."""
+    if X.ndim not in (3, 4):
+        hint = (
+            " Reshape your data with X[np.newaxis] if it is a single image."
+            if X.ndim == 2
+            else ""
+        )
+        raise ValueError(
+            "An image array X must have shape (n_images, height, width) or "
+            f"(n_images, height, width, channels); got shape {X.shape}.{hint}"
+        )
+    if X.shape[0] == 0:
+        raise ValueError("X is empty: at least one image is required.")
+    n_channels = X.shape[-1]
+    if X.ndim == 3 and n_channels in (3, 4) and min(X.shape[:2]) > n_channels:
+        kind = "RGB" if n_channels == 3 else "RGBA"
+        raise ValueError(
+            f"X has shape {X.shape}, which looks like one {kind} image (height, "
+            f"width, channels) rather than {X.shape[0]} grayscale images "
+            f"{n_channels} pixels wide: pass one colour image as X[np.newaxis] "
+            "or [X], and grayscale images that narrow with a channel axis, "
+            "X[..., np.newaxis]."
+        )
 
 
 def _check_array_image(image, index, batch=None):
     """Check one in-memory image; ``batch`` is the whole (n, ...) array if any."""
     array = image if batch is None else batch
     where = "X" if batch is not None else f"Image {index} of X"
-    if array.dtype == np.uint8 or array.dtype == np.uint16:
+    if _is_unsigned(array.dtype, 1) or _is_unsigned(array.dtype, 2):
         pass
-    elif np.issubdtype(array.dtype, np.floating):
-        if not np.all(np.isfinite(array)):
-            raise ValueError(f"{where} contains NaN or infinity.")
-        low, high = float(array.min(initial=0.0)), float(array.max(initial=0.0))
-        if low < 0.0 or high > 1.0:
-            raise ValueError(
-                f"{where} is a float image with values in [{low:g}, {high:g}]; "
-                "float images must lie in [0, 1] (pass uint8 for 0-255 data)."
-            )
+    elif array.dtype.kind == "f":
+        _check_unit_range(array, where, "a float image")
     else:
         raise TypeError(
             f"{where} has dtype {array.dtype}; images must be uint8, uint16 or "
@@ -194,40 +252,59 @@ def _check_array_image(image, index, batch=None):
         )
     shape = image.shape
     if image.ndim not in (2, 3) or (image.ndim == 3 and shape[2] not in _CHANNELS):
+        hint = ""
+        if image.ndim == 3 and shape[0] in _CHANNELS:
+            hint = (
+                " Channels come last: transpose channels-first images, such as "
+                "X.transpose(0, 2, 3, 1) for an (n, C, H, W) array."
+            )
         raise ValueError(
             f"Image {index} of X has shape {shape}; expected (height, width) or "
-            "(height, width, channels) with 1, 3 or 4 channels."
+            f"(height, width, channels) with 1, 3 or 4 channels.{hint}"
         )
     if shape[0] == 0 or shape[1] == 0:
         raise ValueError(f"Image {index} of X has an empty side: shape {shape}.")
 
 
+def _is_unsigned(dtype, itemsize):
+    """Whether ``dtype`` is an unsigned integer of ``itemsize`` bytes, either order."""
+    return dtype.kind == "u" and dtype.itemsize == itemsize
+
+
+def _check_unit_range(array, where, kind):
+    """Refuse NaN, infinity and values outside [0, 1] in a float image."""
+    if array.size == 0:
+        return
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{where} contains NaN or infinity.")
+    low, high = float(array.min()), float(array.max())
+    if low < 0.0 or high > 1.0:
+        raise ValueError(
+            f"{where} is {kind} with values in [{low:g}, {high:g}]; float images "
+            "must lie in [0, 1] (pass uint8 for 0-255 data, uint16 for "
+            "0-65535)."
+        )
+
+
 def load_image(source):
     """Return one image source as a float32 RGB array (H, W, 3) in [0, 1].
 
-    Grayscale is repeated over three channels; the alpha channel of RGBA is
+    ``source`` is a validated array or a :class:`LazyImage`. uint8 values are
+    divided by 255 and uint16 values by 65535; float values are kept. Files
+    and PIL images follow their mode: 16-bit and 32-bit integer images
+    (modes ``"I;16"``, ``"I"``) are read as 16-bit data, divided by 65535,
+    and must lie in 0-65535; 32-bit float images (mode ``"F"``) must lie in
+    [0, 1], as float arrays must; every other mode is converted to 8-bit
+    RGB. Grayscale is repeated over three channels; the alpha channel is
     dropped (the colour values are kept as stored).
     """
-    if isinstance(source, Path):
-        try:
-            with Image.open(source) as image:
-                image.load()
-                source = image.copy()
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise ValueError(f"Cannot read image file {source}: {exc}") from exc
-    if isinstance(source, Image.Image):
-        if source.mode in ("I;16", "I;16B", "I;16L", "I"):
-            array = np.asarray(source, dtype=np.float32) / 65535.0
-            array = np.clip(array, 0.0, 1.0)
-        else:
-            array = np.asarray(source.convert("RGB"), dtype=np.float32) / 255.0
-        if array.shape[0] == 0 or array.shape[1] == 0:
-            raise ValueError("An image has an empty side.")
+    if isinstance(source, LazyImage):
+        array = _decode(source)
     else:
         array = source
-        if array.dtype == np.uint8:
+        if _is_unsigned(array.dtype, 1):
             array = array.astype(np.float32) / 255.0
-        elif array.dtype == np.uint16:
+        elif _is_unsigned(array.dtype, 2):
             array = array.astype(np.float32) / 65535.0
         else:
             array = array.astype(np.float32)
@@ -240,17 +317,37 @@ def load_image(source):
     return array
 
 
-def image_shape(source):
-    """(height, width) of an image source without decoding pixels where possible."""
-    if isinstance(source, Path):
-        try:
-            with Image.open(source) as image:
-                return image.height, image.width
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise ValueError(f"Cannot read image file {source}: {exc}") from exc
-    if isinstance(source, Image.Image):
-        return source.height, source.width
-    return source.shape[0], source.shape[1]
+def _decode(source):
+    """Pixels of a file or PIL image as float32 (H, W) or (H, W, 3) in [0, 1]."""
+    where = source.describe()
+    image = source.image
+    try:
+        if isinstance(image, Path):
+            with Image.open(image) as opened:
+                opened.load()
+                image = opened.copy()
+        if image.mode == "F" or image.mode == "I" or image.mode.startswith("I;16"):
+            array = np.asarray(image)
+        else:
+            array = np.asarray(image.convert("RGB"))
+    except _DECODING_ERRORS as exc:
+        raise ValueError(f"{where} cannot be read: {exc}") from exc
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"{where} has an empty side: shape {array.shape[:2]}.")
+    if image.mode == "F":
+        _check_unit_range(array, where, "a 32-bit float image (PIL mode 'F')")
+        return array.astype(np.float32)
+    if array.dtype.kind in "iu" and array.dtype.itemsize > 1:
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 65535:
+            raise ValueError(
+                f"{where} is an integer image (PIL mode {image.mode!r}) with "
+                f"values in [{low}, {high}]; integer images are read as 16-bit "
+                "data and must lie in 0-65535 (save it as 16-bit, or as float "
+                "in [0, 1])."
+            )
+        return array.astype(np.float32) / 65535.0
+    return array.astype(np.float32) / 255.0
 
 
 def to_model_input(image, image_size, resize):
@@ -261,6 +358,19 @@ def to_model_input(image, image_size, resize):
         raise ValueError(
             f"resize={resize} is smaller than image_size={image_size}: the centre "
             "crop would not fit inside the resized image."
+        )
+    n_resized = geometry.resized_height * geometry.resized_width
+    if n_resized > max(height * width, _MAX_RESIZED_PIXELS):
+        # Resizing the shorter side of a very elongated image to ``resize``
+        # stretches the longer side by the same factor, although only the
+        # centre crop is used.
+        raise ValueError(
+            f"An image of X of {height} x {width} pixels would be resized to "
+            f"{geometry.resized_height} x {geometry.resized_width} pixels "
+            f"({n_resized * 12 / 1e9:.1f} GB) before its centre {image_size} x "
+            f"{image_size} crop, as resize={resize} sets its shorter side. Crop "
+            "such elongated images into pieces first, or pass resize=None, "
+            "which resizes every image to image_size x image_size."
         )
     tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
     if (geometry.resized_height, geometry.resized_width) != (height, width):

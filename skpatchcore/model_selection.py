@@ -19,9 +19,11 @@ class NoveltyCV:
     as it is, and the anomalous (-1) samples are dropped from each training
     fold, where they would otherwise enter the memory bank.
 
-    ``GridSearchCV(..., refit=True)`` would refit the best model on every
-    sample passed to it, anomalies included; use ``refit=False`` and fit the
-    best parameters on the normal samples yourself (see Examples).
+    :meth:`PatchCoreDetector.fit <skpatchcore.PatchCoreDetector.fit>`
+    itself leaves out the images that ``y`` labels -1, so a plain splitter and
+    ``GridSearchCV(..., refit=True)`` also train on good images only;
+    ``NoveltyCV`` states it in the folds, and serves detectors whose ``fit``
+    ignores ``y``.
 
     Parameters
     ----------
@@ -48,10 +50,9 @@ class NoveltyCV:
 
         search = GridSearchCV(
             PatchCoreDetector(), {"patch_size": [1, 3, 5]},
-            scoring="roc_auc", cv=NoveltyCV(3), refit=False,
+            scoring="roc_auc", cv=NoveltyCV(3),
         ).fit(images, labels)
-        best = PatchCoreDetector(**search.best_params_).fit(
-            [image for image, label in zip(images, labels) if label == 1])
+        best = search.best_estimator_  # refitted on the +1 images only
     """
 
     def __init__(self, cv=5):

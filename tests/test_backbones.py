@@ -1,7 +1,9 @@
 """Tests for backbone resolution, weights loading and feature taps."""
 
 import copy
+import re
 import sys
+import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +171,34 @@ def test_unknown_weights_name():
         load_backbone("resnet18", weights="IMAGENET1K_V9")
 
 
+@pytest.mark.parametrize(
+    "error",
+    [urllib.error.URLError("no network"), OSError(28, "No space left on device")],
+)
+def test_weights_that_cannot_be_downloaded(tmp_path, monkeypatch, error):
+    def offline(*args, **kwargs):
+        raise error
+
+    # An empty cache, and a download that fails as it does offline.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(
+        OSError,
+        match=r"'IMAGENET1K_V1' weights of backbone 'resnet18' could not be "
+        rf"downloaded \({re.escape(str(error))}\).*weights=<path.*'efficientnet_lite0'",
+    ):
+        load_backbone("resnet18", weights="IMAGENET1K_V1")
+
+
+def test_lite0_weights_name_is_not_taken_for_a_file():
+    with pytest.raises(
+        ValueError,
+        match="'IMAGENET1K_V1' is no weights name of 'efficientnet_lite0', whose "
+        "only one is 'DEFAULT'",
+    ):
+        load_backbone("efficientnet_lite0", weights="IMAGENET1K_V1")
+
+
 def test_missing_weights_file(tmp_path):
     with pytest.raises(ValueError, match="weights file .*missing.pth.* does not exist"):
         load_backbone("resnet18", weights=tmp_path / "missing.pth")
@@ -250,6 +280,10 @@ def test_check_layers():
 
     with pytest.raises(ValueError, match="'layer9'.*'conv1'.*'avgpool', 'fc'"):
         check_layers(module, ("layer2", "layer9"))
+    with pytest.raises(
+        ValueError, match=r"'layer_3'.* Did you mean 'layer3'.*'layer1.0'"
+    ):
+        check_layers(module, ("layer_3",))
     with pytest.raises(TypeError, match=r"pass \('layer2',\)"):
         check_layers(module, "layer2")
     with pytest.raises(TypeError, match="sequence of str"):

@@ -10,10 +10,12 @@ from conftest import FAST_PARAMS
 from PIL import Image
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
 
 from skpatchcore import PatchCoreDetector
+from skpatchcore.model_selection import NoveltyCV
 
 
 def reference_score_samples(detector, X):
@@ -65,12 +67,78 @@ def test_outlier_conventions(fast_detector, elpv_small):
     assert scores[y == -1].mean() < scores[y == 1].mean()
 
 
-def test_fit_predict_is_hidden():
-    detector = PatchCoreDetector()
-    assert not hasattr(detector, "fit_predict")
-    with pytest.raises(AttributeError) as error:
-        detector.fit_predict  # noqa: B018
-    assert "novelty detector" in str(error.value.__cause__)
+def test_fit_predict_is_hidden(fast_detector):
+    for detector in (PatchCoreDetector(), fast_detector):
+        assert not hasattr(detector, "fit_predict")
+        with pytest.raises(AttributeError) as error:
+            detector.fit_predict  # noqa: B018
+        assert "novelty detector" in str(error.value.__cause__)
+
+
+def test_grid_search_refit_trains_on_good_images_only(elpv_small):
+    # Labelled images of both kinds, as model selection needs them.
+    X = list(elpv_small.train_images) + list(elpv_small.test_images)
+    y = np.concatenate([np.ones(len(elpv_small.train_images)), elpv_small.test_labels])
+    good = [image for image, label in zip(X, y) if label == 1]
+    searches = [
+        GridSearchCV(
+            PatchCoreDetector(**FAST_PARAMS),
+            {"patch_size": [1, 3]},
+            scoring="roc_auc",
+            cv=cv,
+            refit=True,
+        ).fit(X, y)
+        for cv in (
+            StratifiedKFold(2, shuffle=True, random_state=0),
+            NoveltyCV(StratifiedKFold(2, shuffle=True, random_state=0)),
+        )
+    ]
+    # NoveltyCV drops the anomalies from each training fold itself: a plain
+    # splitter must give the very same fold scores.
+    for name in ("split0_test_score", "split1_test_score"):
+        np.testing.assert_array_equal(
+            searches[0].cv_results_[name], searches[1].cv_results_[name]
+        )
+    expected = PatchCoreDetector(**FAST_PARAMS)
+    expected.set_params(**searches[0].best_params_).fit(good)
+    for search in searches:
+        best = search.best_estimator_
+        assert best.n_train_images_ == len(good) == np.sum(y == 1)
+        np.testing.assert_array_equal(best.memory_bank_, expected.memory_bank_)
+        assert best.offset_ == expected.offset_
+
+
+@pytest.mark.parametrize(
+    "y, match",
+    [
+        ([0, 1, 1], r"got the values 0, 1\. Labels coded 0/1"),
+        ([1, 2, 1], "got the values 1, 2"),
+        (["good", "bad", "good"], "got the values bad, good"),
+        ([True, False, True], "got the values False, True"),
+        ([1.0, np.nan, 1.0], "got the values 1.0, nan"),
+        ([-1, -1, -1], "every image of X -1"),
+        ([1, 1], "2 labels for the 3 images"),
+    ],
+)
+@pytest.mark.parametrize("method", ["fit", "partial_fit"])
+def test_labels_other_than_plus_or_minus_one_are_refused(cell_arrays, y, match, method):
+    with pytest.raises(ValueError, match=match):
+        getattr(PatchCoreDetector(**FAST_PARAMS), method)(cell_arrays[:3], y)
+
+
+def test_partial_fit_leaves_out_anomalies(cell_arrays):
+    detector = PatchCoreDetector(**FAST_PARAMS)
+    detector.partial_fit(cell_arrays[:4], [1, -1, 1, 1])
+    reference = PatchCoreDetector(**FAST_PARAMS).fit(cell_arrays[[0, 2, 3]])
+    np.testing.assert_array_equal(detector.memory_bank_, reference.memory_bank_)
+    assert detector.n_train_images_ == 3
+    with pytest.raises(ValueError, match="every image of X -1"):
+        detector.partial_fit(cell_arrays[4:6], [-1, -1])
+    assert detector.n_train_images_ == 3
+    detector.partial_fit(cell_arrays[4:6], np.array([-1, 1]))
+    reference.partial_fit(cell_arrays[5:6])
+    np.testing.assert_array_equal(detector.memory_bank_, reference.memory_bank_)
+    assert detector.n_train_images_ == 4
 
 
 def test_auto_threshold_is_the_leave_one_image_out_minimum(cell_arrays):
@@ -284,13 +352,17 @@ def test_seeded_fit_is_reproducible(cell_arrays):
     assert not np.array_equal(a.memory_bank_, c.memory_bank_)
 
 
-def test_batch_size_does_not_change_scores(fast_detector, elpv_small):
-    one = clone(fast_detector).set_params(batch_size=1).fit(elpv_small.train_images)
-    np.testing.assert_allclose(
-        one.score_samples(elpv_small.test_images),
-        fast_detector.score_samples(elpv_small.test_images),
-        rtol=1e-5,
-    )
+def test_batch_size_changes_scores_by_rounding_only(fast_detector, elpv_small):
+    # The documented tolerance: a relative 1e-5, in fit and in scoring.
+    expected = fast_detector.score_samples(elpv_small.test_images)
+    for fit_size in (1, 7, 32):
+        detector = clone(fast_detector).set_params(batch_size=fit_size)
+        detector.fit(elpv_small.train_images)
+        for score_size in (1, 7, 32):
+            detector.set_params(batch_size=score_size)
+            np.testing.assert_allclose(
+                detector.score_samples(elpv_small.test_images), expected, rtol=1e-5
+            )
 
 
 def test_coreset_size_and_pynndescent(fast_detector, elpv_small):
@@ -368,6 +440,8 @@ def test_use_before_fit():
         (np.zeros((2, 8, 8), object), TypeError, "dtype object"),
         (["no/such/image.png"], ValueError, "do not exist"),
         ("image.png", TypeError, "wrap it in a list"),
+        (np.zeros((40, 50, 3), np.uint8), ValueError, "looks like one RGB image"),
+        ({"a.png": np.zeros((8, 8))}, TypeError, "X is a dict"),
         ([np.zeros((8, 8), np.uint8), 5], TypeError, "Image 1"),
         ([np.zeros((0, 8), np.uint8)], ValueError, "empty side"),
     ],
@@ -380,10 +454,24 @@ def test_bad_input_is_named(fast_detector, X, error, match):
 
 
 def test_corrupt_file(fast_detector, tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(good)
     path = tmp_path / "broken.png"
     path.write_bytes(b"not a png at all")
-    with pytest.raises(ValueError, match="broken.png"):
-        fast_detector.score_samples([path])
+    with pytest.raises(ValueError, match=r"Image 2 of X, '.*broken.png', cannot be"):
+        fast_detector.score_samples([good, good, path])
+
+
+def test_undecodable_images_are_named_by_position(fast_detector, tmp_path, monkeypatch):
+    closed = Image.fromarray(np.zeros((8, 8), np.uint8))
+    closed.close()
+    with pytest.raises(ValueError, match=r"Image 1 of X \(a PIL image.*closed image"):
+        fast_detector.score_samples([np.zeros((8, 8), np.uint8), closed])
+    bomb = tmp_path / "bomb.png"
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)
+    with pytest.raises(ValueError, match=r"Image 0 of X, '.*bomb.png', .*bomb"):
+        fast_detector.score_samples([bomb])
 
 
 def test_one_training_image_is_refused(cell_arrays):
@@ -403,12 +491,41 @@ def test_one_training_image_is_refused(cell_arrays):
         (dict(backbone="no_such_net"), "no_such_net"),
         (dict(layers=("stage3", "nope")), "nope"),
         (dict(device="tpu"), "device"),
+        (dict(device="meta"), "device='meta' holds no data"),
         (dict(n_reweight_neighbors=0), "n_reweight_neighbors"),
+        (
+            dict(backbone="mobilenet_v2", weights=None),
+            "'mobilenet_v2' has no default layers.*pass layers.*'features'",
+        ),
+        (
+            dict(backbone=torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1))),
+            r"layers must be given.*\['0'\]",
+        ),
+        (
+            dict(backbone=torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1)), layers=("1",)),
+            r"Unknown layer '1'.*\['0'\]",
+        ),
+        (dict(weights="IMAGENET1K_V1"), "no weights name of 'efficientnet_lite0'"),
     ],
 )
 def test_bad_parameters_are_named(cell_arrays, params, match):
     with pytest.raises(ValueError, match=match):
         PatchCoreDetector(**dict(FAST_PARAMS, **params)).fit(cell_arrays[:2])
+
+
+@pytest.mark.parametrize(
+    "device, available",
+    [
+        ("mps", lambda: torch.backends.mps.is_available()),
+        ("xpu", lambda: hasattr(torch, "xpu") and torch.xpu.is_available()),
+    ],
+)
+def test_unavailable_device_is_named(cell_arrays, device, available):
+    if available():
+        pytest.skip(f"{device} is available here")
+    detector = PatchCoreDetector(**dict(FAST_PARAMS, device=device))
+    with pytest.raises(ValueError, match=rf"device='{device}' is not available.*'cpu'"):
+        detector.fit(cell_arrays[:2])
 
 
 def test_image_size_too_small_for_the_backbone(cell_arrays):

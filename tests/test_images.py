@@ -4,7 +4,13 @@ import torch
 from PIL import Image
 
 from skpatchcore._anomaly_maps import model_input_maps, to_original_geometry
-from skpatchcore._images import check_images, input_geometry, load_image, to_model_input
+from skpatchcore._images import (
+    LazyImage,
+    check_images,
+    input_geometry,
+    load_image,
+    to_model_input,
+)
 
 
 @pytest.mark.parametrize(
@@ -103,8 +109,10 @@ def test_a_folder_stands_for_its_image_files(tmp_path):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "sub").mkdir()
     expected = [tmp_path / "a.jpg", tmp_path / "b.png", tmp_path / "c.tif"]
-    assert check_images(tmp_path) == expected
-    assert check_images(str(tmp_path)) == expected
+    for X in (tmp_path, str(tmp_path)):
+        sources = check_images(X)
+        assert [source.image for source in sources] == expected
+        assert [source.position for source in sources] == [0, 1, 2]
 
 
 def test_folder_mistakes_are_named(tmp_path):
@@ -115,3 +123,138 @@ def test_folder_mistakes_are_named(tmp_path):
         check_images([tmp_path / "notes.txt", tmp_path])
     with pytest.raises(TypeError, match="wrap it in a list"):
         check_images(tmp_path / "notes.txt")
+
+
+@pytest.mark.parametrize("n_channels, kind", [(3, "RGB"), (4, "RGBA")])
+def test_one_colour_image_without_batch_axis_is_refused(n_channels, kind):
+    image = np.zeros((40, 50, n_channels), np.uint8)
+    with pytest.raises(ValueError, match=rf"one {kind} image.*X\[np.newaxis\]"):
+        check_images(image)
+    assert len(check_images(image[np.newaxis])) == 1
+    assert len(check_images([image])) == 1
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (5, 1, 3),  # rows of a feature matrix as 1 x 3 images
+        (2, 8, 3),  # fewer images than channels: not a colour image
+        (6, 8, 3, 1),  # narrow grayscale images with an explicit channel axis
+    ],
+)
+def test_narrow_grayscale_stacks_stay_accepted(shape):
+    images = np.arange(np.prod(shape), dtype=np.uint8).reshape(shape)
+    sources = check_images(images)
+    assert len(sources) == shape[0]
+    np.testing.assert_allclose(
+        load_image(sources[1])[..., 0], images[1].reshape(shape[1:3]) / 255.0
+    )
+
+
+def test_big_endian_uint16_is_read_like_native():
+    values = np.random.default_rng(0).integers(0, 65536, (2, 5, 6))
+    big = values.astype(">u2")
+    assert not big.dtype.isnative
+    for X in (big, list(big)):
+        loaded = [load_image(source) for source in check_images(X)]
+        for image, expected in zip(loaded, values / 65535.0):
+            assert image.dtype == np.float32 and image.dtype.isnative
+            np.testing.assert_allclose(image[..., 2], expected, rtol=1e-6)
+
+
+def test_image_files_are_scaled_by_their_mode(tmp_path):
+    values = np.linspace(0.0, 1.0, 12, dtype=np.float32).reshape(3, 4)
+    files = {
+        "float.tif": (Image.fromarray(values), "F", values),
+        "i16.png": (Image.fromarray(np.uint16(values * 65535)), "I;16", values),
+        "i32.tif": (Image.fromarray(np.int32(values * 65535)), "I", values),
+    }
+    for name, (image, mode, expected) in files.items():
+        image.save(tmp_path / name)
+        with Image.open(tmp_path / name) as saved:
+            assert saved.mode == mode
+        (source,) = check_images([tmp_path / name])
+        np.testing.assert_allclose(load_image(source)[..., 0], expected, atol=1e-4)
+        # The same image in memory is read the same way.
+        (source,) = check_images([image])
+        np.testing.assert_allclose(load_image(source)[..., 0], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "array, match",
+    [
+        (np.full((3, 4), 200.0, np.float32), r"float image .*\[200, 200\].*\[0, 1\]"),
+        (np.full((3, 4), np.nan, np.float32), "NaN"),
+        (np.full((3, 4), 70000, np.int32), r"\[70000, 70000\].*0-65535"),
+        (np.full((3, 4), -1, np.int32), r"\[-1, -1\].*0-65535"),
+    ],
+)
+def test_image_files_out_of_range_are_refused(tmp_path, array, match):
+    path = tmp_path / "odd.tif"
+    Image.fromarray(array).save(path)
+    sources = check_images([np.zeros((3, 4), np.uint8), path])
+    with pytest.raises(ValueError, match=rf"Image 1 of X, '.*odd.tif', .*{match}"):
+        load_image(sources[1])
+
+
+def test_files_that_cannot_be_decoded_are_named_by_position(tmp_path, monkeypatch):
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(good)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png at all")
+    sources = check_images([good, good, broken])
+    with pytest.raises(ValueError, match=r"Image 2 of X, '.*broken.png', cannot be"):
+        load_image(sources[2])
+    # A decompression bomb: more than twice PIL's pixel limit.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)
+    with pytest.raises(ValueError, match=r"Image 0 of X, '.*good.png', .*bomb"):
+        load_image(check_images([good])[0])
+
+
+def test_closed_or_unconvertible_pil_images_are_named_by_position():
+    closed = Image.fromarray(np.zeros((4, 5), np.uint8))
+    closed.close()
+    sources = check_images([np.zeros((4, 5), np.uint8), closed])
+    with pytest.raises(ValueError, match=r"Image 1 of X \(a PIL image.*closed image"):
+        load_image(sources[1])
+    unconvertible = Image.new("La", (5, 4))
+    with pytest.raises(ValueError, match=r"Image 0 of X \(a PIL image in mode 'La'\)"):
+        load_image(check_images([unconvertible])[0])
+
+
+def test_elongated_image_is_refused_before_resizing():
+    # Resizing the shorter side (1 pixel) to 256 would make a 256 x 5,120,000
+    # image: 15.7 GB of float32 for a 224 x 224 crop.
+    strip = np.zeros((1, 20000, 3), np.float32)
+    with pytest.raises(ValueError, match=r"1 x 20000 pixels.*256 x 5120000.*None"):
+        to_model_input(strip, 224, 256)
+    # Without the crop, the whole strip is resized to the model input.
+    tensor, _ = to_model_input(strip, 224, None)
+    assert tensor.shape == (3, 224, 224)
+    # A long image whose resized size stays moderate is still resized.
+    tensor, geometry = to_model_input(np.zeros((100, 2000, 3), np.float32), 224, 256)
+    assert tensor.shape == (3, 224, 224) and geometry.resized_width == 5120
+
+
+@pytest.mark.parametrize(
+    "X, error, match",
+    [
+        ({"a.png": 1}, TypeError, "X is a dict.*list\\(X.values\\(\\)\\)"),
+        ({"a.png", "b.png"}, TypeError, "X is a set, which has no order"),
+        ("no/such/folder", TypeError, "'no/such/folder' does not exist"),
+        (["a.png", "b.png"], ValueError, "2 image file.*image 0 \\('a.png'\\)"),
+        (np.zeros((2, 3, 8, 8)), ValueError, "Channels come last"),
+    ],
+)
+def test_misleading_inputs_get_plain_messages(X, error, match):
+    with pytest.raises(error, match=match):
+        check_images(X)
+
+
+def test_lazy_sources_keep_their_position(tmp_path):
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(path)
+    image = Image.fromarray(np.zeros((4, 4), np.uint8))
+    sources = check_images([np.zeros((4, 4), np.uint8), path, image])
+    assert sources[1] == LazyImage(path, 1)
+    assert sources[2] == LazyImage(image, 2)
