@@ -285,7 +285,12 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         return self
 
     def _set_network(self, network):
-        self.model_ = network.to(self.device_).eval()
+        # Channels-last convolutions (oneDNN on CPU, cuDNN on GPU): a
+        # Lite0 pass of 16 images at 224 px took 55 instead of 95 ms per
+        # image on two busy CPU cores; features differ in the last float32
+        # bits only.
+        self.model_ = network.to(self.device_, memory_format=torch.channels_last)
+        self.model_.eval()
 
     def _probe_grid(self, module):
         """Tap the backbone, then learn the layer shapes from one blank image."""
@@ -365,7 +370,8 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         mean = torch.tensor(self.mean_, device=self.device_).view(1, 3, 1, 1)
         std = torch.tensor(self.std_, device=self.device_).view(1, 3, 1, 1)
         with torch.inference_mode():
-            batch = (batch.to(self.device_) - mean) / std
+            batch = batch.to(self.device_, memory_format=torch.channels_last)
+            batch = (batch - mean) / std
             features = self._aggregate(self._layer_maps(batch))
         return features.permute(0, 2, 3, 1).float().cpu().numpy()
 
