@@ -101,6 +101,28 @@ for i in np.argsort(results["rank_test_score"], kind="stable"):
 print("best parameters:", search.best_params_)
 
 # %%
+# The same means as a grid: one cell per pair of parameters.
+import matplotlib.pyplot as plt
+
+patch_sizes, ratios = param_grid["patch_size"], param_grid["coreset_ratio"]
+mean_auroc = np.empty((len(ratios), len(patch_sizes)))
+for params, score in zip(results["params"], results["mean_test_score"]):
+    row = ratios.index(params["coreset_ratio"])
+    mean_auroc[row, patch_sizes.index(params["patch_size"])] = score
+
+fig, ax = plt.subplots(figsize=(5, 3), layout="constrained")
+image = ax.imshow(mean_auroc, cmap="viridis")
+ax.set_xticks(range(len(patch_sizes)), labels=patch_sizes)
+ax.set_yticks(range(len(ratios)), labels=ratios)
+ax.set_xlabel("patch_size")
+ax.set_ylabel("coreset_ratio")
+for (row, column), score in np.ndenumerate(mean_auroc):
+    color = "black" if image.norm(score) > 0.6 else "white"
+    ax.text(column, row, f"{score:.3f}", ha="center", va="center", color=color)
+fig.colorbar(image, ax=ax, label="mean ROC AUC over the folds")
+plt.show()
+
+# %%
 # The refitted detector
 # ---------------------
 # ``best_estimator_`` was fitted, with the best parameters, on every normal

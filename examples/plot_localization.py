@@ -76,11 +76,21 @@ if has_masks:
 # -----------------
 # :func:`~skpatchcore.plotting.plot_extremes` shows the good images that look
 # most defective (likely false alarms) and the defective images that look
-# most normal (likely misses), with the ground truth outlined in green.
+# most normal (likely misses), with the ground truth outlined in green. All
+# maps share one colour scale; given the detector, the colours turn hot at
+# its ``pixel_threshold_`` (the black line of the colorbar), and a border
+# band that the model never saw would be greyed out (here ``resize=None``
+# feeds it the whole image).
 from skpatchcore.plotting import plot_anomaly_map, plot_extremes
 
 fig = plot_extremes(
-    data.test_images, data.test_labels, scores, maps, masks=data.test_masks, n=4
+    data.test_images,
+    data.test_labels,
+    scores,
+    maps,
+    masks=data.test_masks,
+    n=4,
+    detector=detector,
 )
 
 # %%
@@ -95,8 +105,11 @@ import matplotlib.pyplot as plt
 defective = np.flatnonzero(data.test_labels == -1)[:3]
 images = [data.test_images[i] for i in defective]
 masks = detector.predict_masks(images)
+# One colour scale for the three maps, which includes the threshold.
+vmin = min(min(maps[i].min() for i in defective), detector.pixel_threshold_)
+vmax = max(max(maps[i].max() for i in defective), detector.pixel_threshold_)
 
-fig, axes = plt.subplots(1, len(defective), figsize=(10, 3.6))
+fig, axes = plt.subplots(1, len(defective), figsize=(10, 3.6), layout="constrained")
 for ax, i, pred_mask in zip(axes, defective, masks):
     plot_anomaly_map(
         data.test_images[i],
@@ -104,7 +117,12 @@ for ax, i, pred_mask in zip(axes, defective, masks):
         mask=data.test_masks[i],
         pred_mask=pred_mask,
         ax=ax,
+        vmin=vmin,
+        vmax=vmax,
+        detector=detector,
     )
     ax.set_title(f"test image #{i}", fontsize="small")
+colorbar = fig.colorbar(axes[-1].images[-1], ax=axes, label="anomaly score")
+colorbar.ax.axhline(detector.pixel_threshold_, color="black", linewidth=2)
 fig.suptitle(f"Predicted masks at pixel_threshold_ = {detector.pixel_threshold_:.2f}")
 plt.show()

@@ -100,9 +100,12 @@ print(confusion_matrix(y_test, y_pred, labels=[1, -1]))
 # ----------------------
 # ``anomaly_maps`` returns one map per image, at the image's own resolution:
 # the distance of each patch to the memory bank, upsampled and smoothed.
-# Pixels above ``pixel_threshold_``, the largest map value met on the training
-# images, form the mask drawn with a dashed line. We show the four defective
-# cells the detector finds most anomalous, on one colour scale.
+# Pixels above ``pixel_threshold_``, calibrated on the training images, form
+# the mask drawn with a dashed line. We show the four defective
+# cells the detector finds most anomalous, on one colour scale from 0 to the
+# largest value: passing ``threshold`` keeps the values below it calm (pale
+# blue, fading out) and colours only those above it, and the colorbar marks
+# the threshold with a black line.
 import matplotlib.pyplot as plt
 
 from skpatchcore.plotting import plot_anomaly_map
@@ -110,20 +113,23 @@ from skpatchcore.plotting import plot_anomaly_map
 defective = np.flatnonzero(y_test == -1)
 shown = defective[np.argsort(scores[defective])[:4]]
 maps = detector.anomaly_maps([X_test[i] for i in shown])
-vmax = max(m.max() for m in maps)
+threshold = detector.pixel_threshold_
+vmax = max(max(m.max() for m in maps), threshold)
 
 fig, axes = plt.subplots(1, len(shown), figsize=(11, 3.2), layout="constrained")
 for ax, i, anomaly_map in zip(axes, shown, maps):
     plot_anomaly_map(
         X_test[i],
         anomaly_map,
-        pred_mask=anomaly_map > detector.pixel_threshold_,
+        pred_mask=anomaly_map > threshold,
         ax=ax,
         vmin=0,
         vmax=vmax,
+        threshold=threshold,
     )
     ax.set_title(f"test cell #{i}\ndecision {decision[i]:.1f}", fontsize="small")
-fig.colorbar(axes[-1].images[-1], ax=axes, label="patch distance")
+colorbar = fig.colorbar(axes[-1].images[-1], ax=axes, label="patch distance")
+colorbar.ax.axhline(threshold, color="black", linewidth=2)
 plt.show()
 
 # %%

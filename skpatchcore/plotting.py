@@ -9,7 +9,10 @@ from numbers import Integral, Real
 
 import numpy as np
 from sklearn.utils._param_validation import Interval, validate_params
+from sklearn.utils.validation import check_is_fitted
 
+from ._detector import PatchCoreDetector
+from ._images import input_geometry
 from .datasets import _read_image, load_mask
 from .metrics import _check_image_labels
 
@@ -17,6 +20,15 @@ __all__ = ["plot_anomaly_map", "plot_extremes"]
 
 _MASK_STYLE = {"colors": "lime", "linestyles": "solid"}
 _PRED_MASK_STYLE = {"colors": "white", "linestyles": "dashed"}
+# The border band outside the model's centre crop: grey, hatched.
+_UNSEEN_STYLE = {"facecolor": (0.5, 0.5, 0.5, 0.75), "edgecolor": "white"}
+_UNSEEN_HATCH = "///"
+_UNSEEN_LABEL = "outside the crop: not seen"
+# With a threshold, map values below it fade from transparent to this pale
+# blue, and values above it take the hot colormap.
+_CALM_RGB = (0.55, 0.75, 1.0)
+_CALM_MAX_ALPHA = 0.4
+_COLORBAR_LABEL = "anomaly score"
 
 
 def _import_pyplot():
@@ -41,6 +53,156 @@ def _as_image(image):
     )
 
 
+def _fitted_settings(detector, threshold):
+    """The threshold to draw and the detector's ``(image_size, resize)``."""
+    if detector is None:
+        return threshold, None
+    check_is_fitted(detector)
+    detector._check_unchanged_since_fit("plot")
+    if threshold is None:
+        threshold = detector.pixel_threshold_
+    return threshold, (detector.image_size, detector.resize)
+
+
+def _unseen_band(shape, input_size):
+    """The pixels outside the model's crop window, and that window.
+
+    Returns ``(unseen, window)``: a boolean mask of the image's pixels whose
+    centre lies outside the window, and the window's ``(top, bottom, left,
+    right)`` edges in pixels of the image; ``(None, None)`` if the model saw
+    the whole image or no geometry is known.
+    """
+    if input_size is None:
+        return None, None
+    height, width = shape
+    geometry = input_geometry(height, width, *input_size)
+    top = geometry.top * height / geometry.resized_height
+    bottom = (geometry.top + geometry.crop) * height / geometry.resized_height
+    left = geometry.left * width / geometry.resized_width
+    right = (geometry.left + geometry.crop) * width / geometry.resized_width
+    rows = np.arange(height) + 0.5
+    columns = np.arange(width) + 0.5
+    seen = ((rows >= top) & (rows <= bottom))[:, None] & (
+        (columns >= left) & (columns <= right)
+    )[None, :]
+    if seen.all():
+        return None, None
+    return ~seen, (top, bottom, left, right)
+
+
+def _color_range(maps, unseen_bands, threshold, vmin, vmax):
+    """``vmin``, ``vmax``: the given ones, or the range of the seen map values.
+
+    A computed bound is widened to include the threshold, so that the colour
+    scale always shows where the threshold lies.
+    """
+    values = [
+        anomaly_map if unseen is None else anomaly_map[~unseen]
+        for anomaly_map, unseen in zip(maps, unseen_bands)
+    ]
+    values = [value for value in values if value.size]
+    low = [float(value.min()) for value in values]
+    high = [float(value.max()) for value in values]
+    if threshold is not None:
+        low.append(float(threshold))
+        high.append(float(threshold))
+    if vmin is None:
+        vmin = min(low, default=0.0)
+    if vmax is None:
+        vmax = max(high, default=1.0)
+    return vmin, vmax
+
+
+def _colormap(cmap, threshold, vmin, vmax):
+    """``cmap``, or with a threshold a calm part below it and a hot part above."""
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+
+    if threshold is None:
+        return colormaps.get_cmap("jet" if cmap is None else cmap)
+    n_colors = 512
+    fraction = (threshold - vmin) / (vmax - vmin) if vmax > vmin else 0.5
+    n_calm = int(round(np.clip(fraction, 0.0, 1.0) * n_colors))
+    calm = np.empty((n_calm, 4))
+    calm[:, :3] = _CALM_RGB
+    calm[:, 3] = np.linspace(0.0, _CALM_MAX_ALPHA, n_calm)
+    if cmap is None:
+        hot = colormaps["YlOrRd"](np.linspace(0.3, 1.0, n_colors - n_calm))
+    else:
+        hot = colormaps.get_cmap(cmap)(np.linspace(0.0, 1.0, n_colors - n_calm))
+    return ListedColormap(np.vstack([calm, hot]), name="below_threshold_calm")
+
+
+def _draw_unseen_band(ax, shape, window):
+    from matplotlib.patches import PathPatch
+    from matplotlib.path import Path
+
+    height, width = shape
+    # imshow puts pixel centres on integers: edges are half a pixel off.
+    top, bottom, left, right = (edge - 0.5 for edge in window)
+    outer = [(-0.5, -0.5), (width - 0.5, -0.5), (width - 0.5, height - 0.5)]
+    outer += [(-0.5, height - 0.5), (-0.5, -0.5)]
+    # The window, the other way round, is the hole.
+    hole = [(left, top), (left, bottom), (right, bottom), (right, top), (left, top)]
+    codes = [Path.MOVETO] + [Path.LINETO] * 3 + [Path.CLOSEPOLY]
+    ax.add_patch(
+        PathPatch(
+            Path(outer + hole, codes * 2),
+            hatch=_UNSEEN_HATCH,
+            linewidth=0,
+            label=_UNSEEN_LABEL,
+            **_UNSEEN_STYLE,
+        )
+    )
+
+
+def _legend_handles(ground_truth, predicted, unseen):
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = []
+    for shown, style, label in (
+        (ground_truth, _MASK_STYLE, "ground truth"),
+        (predicted, _PRED_MASK_STYLE, "predicted mask"),
+    ):
+        if shown:
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    color=style["colors"],
+                    linestyle=style["linestyles"],
+                    linewidth=1.5,
+                    label=label,
+                )
+            )
+    if unseen:
+        handles.append(Patch(hatch=_UNSEEN_HATCH, label=_UNSEEN_LABEL, **_UNSEEN_STYLE))
+    return handles
+
+
+def _add_legend(ax, handles):
+    # Below the axes, on a dark box where the white outline shows.
+    return ax.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(0.0, -0.02),
+        fontsize="small",
+        facecolor="0.3",
+        edgecolor="none",
+        framealpha=1.0,
+        labelcolor="white",
+    )
+
+
+def _add_colorbar(figure, mappable, ax, threshold):
+    colorbar = figure.colorbar(mappable, ax=ax, label=_COLORBAR_LABEL)
+    if threshold is not None:
+        colorbar.ax.axhline(threshold, color="black", linewidth=2)
+        colorbar.set_label(f"{_COLORBAR_LABEL} (black line: threshold {threshold:.3g})")
+    return colorbar
+
+
 @validate_params(
     {
         "image": [str, os.PathLike, "array-like"],
@@ -52,6 +214,10 @@ def _as_image(image):
         "cmap": "no_validation",
         "vmin": [Real, None],
         "vmax": [Real, None],
+        "threshold": [Real, None],
+        "detector": [PatchCoreDetector, None],
+        "colorbar": ["boolean", None],
+        "legend": ["boolean", None],
     },
     prefer_skip_nested_validation=True,
 )
@@ -63,14 +229,23 @@ def plot_anomaly_map(
     pred_mask=None,
     ax=None,
     alpha=0.5,
-    cmap="jet",
+    cmap=None,
     vmin=None,
     vmax=None,
+    threshold=None,
+    detector=None,
+    colorbar=None,
+    legend=None,
 ):
     """Draw an image with its anomaly map overlaid and mask outlines.
 
     The ground-truth mask is outlined by a solid lime line and the predicted
-    mask by a dashed white line.
+    mask by a dashed white line. With a `threshold`, map values below it are
+    drawn in a pale, translucent blue that fades out towards the lowest
+    values, and values above it in hot colours, so that a normal image looks
+    calm. With a fitted `detector`, the border band that the model never saw
+    (outside its centre crop, where the map is extrapolated) is greyed out
+    and hatched instead of showing the map.
 
     Parameters
     ----------
@@ -97,17 +272,42 @@ def plot_anomaly_map(
     alpha : float, default=0.5
         Opacity of the anomaly map over the image.
 
-    cmap : str or matplotlib Colormap, default="jet"
-        Colormap of the anomaly map.
+    cmap : str or matplotlib Colormap, default=None
+        Colormap of the anomaly map; with a threshold, the colormap of the
+        values above it. None uses ``"jet"``, or ``"YlOrRd"`` above a
+        threshold.
 
     vmin : float, default=None
-        Anomaly score mapped to the low end of the colormap. None uses the
-        map's minimum. Give `vmin` and `vmax` to show several maps on one
-        scale.
+        Anomaly score mapped to the low end of the colour scale. None uses
+        the smallest value of the map outside the unseen band, or the
+        threshold if it is smaller. Give `vmin` and `vmax` to show several
+        maps on one scale, as :func:`plot_extremes` does.
 
     vmax : float, default=None
-        Anomaly score mapped to the high end of the colormap. None uses the
-        map's maximum.
+        Anomaly score mapped to the high end of the colour scale. None uses
+        the largest value of the map outside the unseen band, or the
+        threshold if it is larger.
+
+    threshold : float, default=None
+        Anomaly score where the colours turn from calm to hot, such as
+        :attr:`PatchCoreDetector.pixel_threshold_`. None takes the
+        ``pixel_threshold_`` of `detector`, if given, else draws the whole
+        scale with `cmap`.
+
+    detector : PatchCoreDetector, default=None
+        The fitted detector that computed the map. Its ``pixel_threshold_``
+        is the default `threshold`, and its ``resize`` and ``image_size``
+        tell which border band of the image was outside the model's centre
+        crop. None assumes the model saw the whole image.
+
+    colorbar : bool, default=None
+        Whether to add a colorbar, labelled, with the threshold marked by a
+        black line. None adds one only if `ax` is None.
+
+    legend : bool, default=None
+        Whether to add a legend of the outlines and of the unseen band below
+        the axes, if any of them is drawn. None adds one only if `ax` is
+        None.
 
     Returns
     -------
@@ -118,8 +318,9 @@ def plot_anomaly_map(
     Raises
     ------
     ValueError
-        If the image is not 2-D grayscale or colour, or if the anomaly map or
-        a mask does not have the image's height and width.
+        If the image is not 2-D grayscale or colour, if the anomaly map or a
+        mask does not have the image's height and width, or if the
+        parameters of `detector` changed since it was fitted.
 
     See Also
     --------
@@ -134,7 +335,10 @@ def plot_anomaly_map(
     >>> image = np.zeros((32, 32), dtype=np.uint8)
     >>> anomaly_map = np.zeros((32, 32))
     >>> anomaly_map[8:16, 8:16] = 1.0
-    >>> ax = plot_anomaly_map(image, anomaly_map, mask=anomaly_map > 0.5)
+    >>> ax = plot_anomaly_map(image, anomaly_map, mask=anomaly_map > 0.5,
+    ...                       threshold=0.5)
+    >>> ax.images[-1].get_clim()
+    (0.0, 1.0)
     """
     plt = _import_pyplot()
     image = _as_image(image)
@@ -155,14 +359,31 @@ def plot_anomaly_map(
                 outlines.append((load_mask(outline, shape), style))
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from exc
+    threshold, input_size = _fitted_settings(detector, threshold)
+    unseen, window = _unseen_band(shape, input_size)
+    vmin, vmax = _color_range([anomaly_map], [unseen], threshold, vmin, vmax)
 
-    if ax is None:
-        _, ax = plt.subplots()
+    created = ax is None
+    if created:
+        _, ax = plt.subplots(layout="constrained")
     ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
-    ax.imshow(anomaly_map, cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax)
+    ax.imshow(
+        anomaly_map if unseen is None else np.ma.masked_array(anomaly_map, unseen),
+        cmap=_colormap(cmap, threshold, vmin, vmax),
+        alpha=alpha,
+        vmin=vmin,
+        vmax=vmax,
+    )
     for outline, style in outlines:
         ax.contour(outline.astype(float), levels=[0.5], linewidths=1.5, **style)
+    if unseen is not None:
+        _draw_unseen_band(ax, shape, window)
     ax.set_axis_off()
+    if colorbar or (colorbar is None and created):
+        _add_colorbar(ax.figure, ax.images[-1], ax, threshold)
+    handles = _legend_handles(mask is not None, pred_mask is not None, window)
+    if handles and (legend or (legend is None and created)):
+        _add_legend(ax, handles)
     return ax
 
 
@@ -175,18 +396,32 @@ def plot_anomaly_map(
         "masks": ["array-like", None],
         "n": [Interval(Integral, 1, None, closed="left")],
         "figsize": [tuple, None],
+        "threshold": [Real, None],
+        "detector": [PatchCoreDetector, None],
     },
     prefer_skip_nested_validation=True,
 )
 def plot_extremes(
-    images, y_true, scores, anomaly_maps, *, masks=None, n=4, figsize=None
+    images,
+    y_true,
+    scores,
+    anomaly_maps,
+    *,
+    masks=None,
+    n=4,
+    figsize=None,
+    threshold=None,
+    detector=None,
 ):
     """Show the good images that look most defective and the reverse.
 
     The top row holds the `n` good images with the lowest scores, the
     likeliest false alarms; the bottom row the `n` defective images with the
-    highest scores, the likeliest misses. Each shows its anomaly map, all on
-    one colour scale, and its ground-truth outline when `masks` is given.
+    highest scores, the likeliest misses. Each shows its anomaly map and its
+    ground-truth outline when `masks` is given. All maps share one colour
+    scale, shown by a colorbar; with a threshold, values below it look calm
+    and values above it hot (see :func:`plot_anomaly_map`). A legend names
+    the outlines and the border band that the model never saw.
 
     Parameters
     ----------
@@ -214,17 +449,31 @@ def plot_extremes(
         axes empty.
 
     figsize : tuple of (float, float), default=None
-        Figure size in inches. None gives 2.5 inches per column.
+        Figure size in inches. None gives 2.5 inches per column, and one
+        more for the colorbar.
+
+    threshold : float, default=None
+        Anomaly score where the colours turn from calm to hot, such as
+        :attr:`PatchCoreDetector.pixel_threshold_`. None takes the
+        ``pixel_threshold_`` of `detector`, if given, else colours the whole
+        scale alike.
+
+    detector : PatchCoreDetector, default=None
+        The fitted detector that computed the maps. Its ``pixel_threshold_``
+        is the default `threshold`, and its ``resize`` and ``image_size``
+        tell which border band of each image was outside the model's centre
+        crop: that band is greyed out and left out of the colour scale.
 
     Returns
     -------
     fig : matplotlib Figure
-        The figure, with ``2 * n`` axes.
+        The figure, with ``2 * n`` axes of images followed by the colorbar's.
 
     Raises
     ------
     ValueError
-        If the inputs differ in length, or `y_true` is not made of +1 and -1.
+        If the inputs differ in length, `y_true` is not made of +1 and -1,
+        or the parameters of `detector` changed since it was fitted.
 
     See Also
     --------
@@ -240,9 +489,10 @@ def plot_extremes(
     >>> images = list(rng.randint(0, 255, size=(6, 16, 16), dtype=np.uint8))
     >>> maps = list(rng.rand(6, 16, 16))
     >>> fig = plot_extremes(images, [1, 1, 1, -1, -1, -1],
-    ...                     [0.5, 0.1, 0.3, -0.2, 0.2, -0.5], maps, n=2)
+    ...                     [0.5, 0.1, 0.3, -0.2, 0.2, -0.5], maps, n=2,
+    ...                     threshold=0.8)
     >>> len(fig.axes)
-    4
+    5
     """
     plt = _import_pyplot()
     y_true, scores = _check_image_labels(y_true, scores)
@@ -254,6 +504,7 @@ def plot_extremes(
             raise ValueError(
                 f"{name} has {length} elements but y_true has {y_true.size}."
             )
+    threshold, input_size = _fitted_settings(detector, threshold)
 
     good = np.flatnonzero(y_true == 1)
     defective = np.flatnonzero(y_true == -1)
@@ -263,11 +514,24 @@ def plot_extremes(
     ]
     shown = np.concatenate([indices for _, indices in rows])
     shown_maps = {i: np.asarray(anomaly_maps[i], dtype=np.float64) for i in shown}
-    vmin = min(anomaly_map.min() for anomaly_map in shown_maps.values())
-    vmax = max(anomaly_map.max() for anomaly_map in shown_maps.values())
+    unseen_bands = {
+        i: _unseen_band(anomaly_map.shape[:2], input_size)[0]
+        for i, anomaly_map in shown_maps.items()
+    }
+    vmin, vmax = _color_range(
+        [shown_maps[i] for i in shown],
+        [unseen_bands[i] for i in shown],
+        threshold,
+        None,
+        None,
+    )
 
     fig, axes = plt.subplots(
-        2, n, figsize=(2.5 * n, 5.6) if figsize is None else figsize, squeeze=False
+        2,
+        n,
+        figsize=(2.5 * n + 1.0, 6.2) if figsize is None else figsize,
+        squeeze=False,
+        layout="constrained",
     )
     for row, (label, indices) in enumerate(rows):
         for column, ax in enumerate(axes[row]):
@@ -282,8 +546,20 @@ def plot_extremes(
                 ax=ax,
                 vmin=vmin,
                 vmax=vmax,
+                threshold=threshold,
+                detector=detector,
+                colorbar=False,
+                legend=False,
             )
             ax.set_title(f"{label} #{i}\nscore {scores[i]:.3g}", fontsize="small")
+    _add_colorbar(fig, axes[0, 0].images[-1], axes, threshold)
+    handles = _legend_handles(
+        masks is not None and any(masks[i] is not None for i in shown),
+        False,
+        any(unseen_bands[i] is not None for i in shown),
+    )
+    if handles:
+        _add_legend(axes[1, 0], handles)
     fig.suptitle(
         "Lowest-scored good images (top), highest-scored defective images (bottom)"
     )

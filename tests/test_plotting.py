@@ -7,8 +7,10 @@ from PIL import Image
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from conftest import FAST_PARAMS  # noqa: E402
 from matplotlib.contour import ContourSet  # noqa: E402
 
+from skpatchcore import PatchCoreDetector  # noqa: E402
 from skpatchcore.plotting import plot_anomaly_map, plot_extremes  # noqa: E402
 
 
@@ -94,8 +96,9 @@ def test_plot_extremes_picks_hardest_images(scored_images):
     images, labels, scores, maps, masks = scored_images
     fig = plot_extremes(images, labels, scores, maps, masks=masks, n=2)
 
-    assert len(fig.axes) == 4
-    top, bottom = fig.axes[:2], fig.axes[2:]
+    # Four image axes, then the colorbar's.
+    assert len(fig.axes) == 5
+    top, bottom = fig.axes[:2], fig.axes[2:4]
     # Good images with the lowest scores: #1 (-0.3), then #3 (0.1).
     assert [ax.get_title().split("\n")[0] for ax in top] == ["good #1", "good #3"]
     # Defective images with the highest scores: #6 (0.5), then #4 (0.2).
@@ -104,17 +107,15 @@ def test_plot_extremes_picks_hardest_images(scored_images):
         "defective #4",
     ]
     # Only image #4 among those shown has a mask.
-    assert [len(_contours(ax)) for ax in fig.axes] == [0, 0, 0, 1]
-    # One colour scale for all panels.
-    assert len({ax.images[-1].get_clim() for ax in fig.axes}) == 1
+    assert [len(_contours(ax)) for ax in fig.axes[:4]] == [0, 0, 0, 1]
 
 
 def test_plot_extremes_short_row(scored_images):
     images, labels, scores, maps, _ = scored_images
     fig = plot_extremes(images, labels, scores, maps, n=4, figsize=(8, 4))
 
-    assert len(fig.axes) == 8
-    drawn = [len(ax.images) > 0 for ax in fig.axes]
+    assert len(fig.axes) == 9
+    drawn = [len(ax.images) > 0 for ax in fig.axes[:8]]
     # 4 good images fill the top row; 3 defective ones leave one axes empty.
     assert drawn == [True] * 7 + [False]
     assert tuple(fig.get_size_inches()) == (8, 4)
@@ -138,3 +139,213 @@ def test_missing_matplotlib(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     with pytest.raises(ImportError, match=r'pip install "skpatchcore\[plot\]"'):
         plot_anomaly_map(np.zeros((4, 4)), np.zeros((4, 4)))
+
+
+def _fitted_stub(image_size, resize, threshold=0.5):
+    """A detector whose fitted state is set by hand.
+
+    Plotting reads only ``pixel_threshold_`` and the resize / crop parameters;
+    a real fit would cost seconds and test nothing more here.
+    """
+    detector = PatchCoreDetector(image_size=image_size, resize=resize)
+    detector.pixel_threshold_ = threshold
+    detector._fitted_params = detector.get_params(deep=False)
+    return detector
+
+
+def _map_artists(fig):
+    """The anomaly-map image of every axes that shows one."""
+    return [ax.images[-1] for ax in fig.axes if len(ax.images) == 2]
+
+
+def _colorbars(fig):
+    return [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+
+
+def _legend_labels(fig):
+    legends = [ax.get_legend() for ax in fig.axes] + list(fig.legends)
+    return [t.get_text() for lg in legends if lg is not None for t in lg.get_texts()]
+
+
+def _band_patches(ax):
+    return [p for p in ax.patches if "not seen" in p.get_label()]
+
+
+@pytest.mark.parametrize("threshold", [None, 0.5, 1.5])
+def test_plot_extremes_shares_one_colour_scale(scored_images, threshold):
+    images, labels, scores, maps, _ = scored_images
+    fig = plot_extremes(images, labels, scores, maps, n=2, threshold=threshold)
+
+    # Shown: good #1, #3 and defective #6, #4 (see the test above). Their
+    # maps have different ranges, so one scale per map would differ.
+    shown = [maps[i] for i in (1, 3, 6, 4)]
+    assert len({(m.min(), m.max()) for m in shown}) == 4
+    low = min(m.min() for m in shown)
+    high = max(m.max() for m in shown)
+    if threshold is not None:
+        low, high = min(low, threshold), max(high, threshold)
+    artists = _map_artists(fig)
+    assert len(artists) == 4
+    for artist in artists:
+        assert artist.get_clim() == pytest.approx((low, high))
+        assert artist.cmap == artists[0].cmap
+
+
+def test_threshold_splits_the_colours_into_calm_and_hot():
+    anomaly_map = np.tile(np.linspace(0.0, 2.0, 41), (10, 1))
+    ax = plot_anomaly_map(np.zeros((10, 41)), anomaly_map, threshold=0.5)
+    artist = ax.images[-1]
+    assert artist.get_clim() == (0.0, 2.0)
+    below = artist.to_rgba(np.array([0.0, 0.25, 0.48]))
+    above = artist.to_rgba(np.array([0.52, 1.0, 2.0]))
+    # Below the threshold: faint (mostly transparent); above: opaque colours.
+    assert np.all(below[:, 3] <= 0.4)
+    assert np.all(above[:, 3] == 1.0)
+
+    # Without a threshold the whole range is one colormap, opaque throughout.
+    ax = plot_anomaly_map(np.zeros((10, 41)), anomaly_map)
+    assert np.all(ax.images[-1].to_rgba(np.array([0.0, 0.25, 0.48]))[:, 3] == 1.0)
+
+
+def test_colorbar_marks_the_threshold(scored_images):
+    images, labels, scores, maps, _ = scored_images
+    fig = plot_extremes(images, labels, scores, maps, n=2, threshold=0.7)
+    (colorbar_ax,) = _colorbars(fig)
+    assert "anomaly score" in colorbar_ax.get_ylabel()
+    assert "threshold 0.7" in colorbar_ax.get_ylabel()
+    assert [tuple(line.get_ydata()) for line in colorbar_ax.lines] == [(0.7, 0.7)]
+    assert _map_artists(fig)[0].colorbar is not None
+
+    # Without a threshold: a colorbar, no line.
+    fig = plot_extremes(images, labels, scores, maps, n=2)
+    (colorbar_ax,) = _colorbars(fig)
+    assert len(colorbar_ax.lines) == 0
+
+    # One image: a colorbar on a new figure, none on given axes unless asked.
+    ax = plot_anomaly_map(images[0], maps[0], threshold=0.3)
+    assert len(_colorbars(ax.figure)) == 1
+    _, ax = plt.subplots()
+    plot_anomaly_map(images[0], maps[0], ax=ax)
+    assert _colorbars(ax.figure) == []
+    plot_anomaly_map(images[0], maps[0], ax=ax, colorbar=True)
+    assert len(_colorbars(ax.figure)) == 1
+
+
+def test_legend_names_the_outlines(scored_images):
+    images, labels, scores, maps, masks = scored_images
+    fig = plot_extremes(images, labels, scores, maps, masks=masks, n=2)
+    assert _legend_labels(fig) == ["ground truth"]
+    (legend,) = [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    (handle,) = legend.legend_handles
+    # The legend line has the colour of the outline drawn on the image.
+    (contour,) = _contours(fig.axes[3])
+    assert matplotlib.colors.same_color(handle.get_color(), contour.get_edgecolor())
+
+    # No outline drawn, no legend.
+    fig = plot_extremes(images, labels, scores, maps, n=2)
+    assert _legend_labels(fig) == []
+
+    mask = _square_mask((16, 16), 2, 2, 4)
+    ax = plot_anomaly_map(images[0], maps[0], mask=mask, pred_mask=mask)
+    assert _legend_labels(ax.figure) == ["ground truth", "predicted mask"]
+
+
+def test_unseen_band_is_masked_and_hatched():
+    # 300 x 300 resized to 80 x 80, centre crop 64: the model saw the resized
+    # rows and columns 8 to 72, i.e. pixels 30 to 269 of the image.
+    detector = _fitted_stub(image_size=64, resize=80, threshold=0.5)
+    anomaly_map = np.full((300, 300), 0.2)
+    anomaly_map[:, :30] = 100.0  # an extrapolated streak in the band
+    ax = plot_anomaly_map(np.zeros((300, 300)), anomaly_map, detector=detector)
+
+    artist = ax.images[-1]
+    expected = np.ones((300, 300), dtype=bool)
+    expected[30:270, 30:270] = False
+    np.testing.assert_array_equal(np.ma.getmaskarray(artist.get_array()), expected)
+    # The streak is left out of the colour scale, the threshold is taken in.
+    assert artist.get_clim() == (0.2, 0.5)
+    (band,) = _band_patches(ax)
+    corners = band.get_path().vertices
+    assert {tuple(v) for v in corners[5:]} == {
+        (29.5, 29.5),
+        (29.5, 269.5),
+        (269.5, 269.5),
+        (269.5, 29.5),
+    }
+    assert "outside the crop: not seen" in _legend_labels(ax.figure)
+
+    # The model saw everything: no mask, no band.
+    ax = plot_anomaly_map(
+        np.zeros((300, 300)), anomaly_map, detector=_fitted_stub(64, None)
+    )
+    assert not np.ma.getmaskarray(ax.images[-1].get_array()).any()
+    assert _band_patches(ax) == []
+    assert ax.images[-1].get_clim() == (0.2, 100.0)
+
+
+def test_unseen_band_of_a_wide_image_without_upscaling():
+    # resize == image_size: a 40 x 80 image becomes 64 x 128, cropped at
+    # columns 32 to 96 of it, i.e. columns 20 to 59 of the image.
+    ax = plot_anomaly_map(
+        np.zeros((40, 80)), np.zeros((40, 80)), detector=_fitted_stub(64, 64)
+    )
+    expected = np.ones((40, 80), dtype=bool)
+    expected[:, 20:60] = False
+    np.testing.assert_array_equal(
+        np.ma.getmaskarray(ax.images[-1].get_array()), expected
+    )
+    assert len(_band_patches(ax)) == 1
+
+
+def test_plot_extremes_greys_out_the_band(scored_images):
+    images, labels, scores, maps, _ = scored_images
+    detector = _fitted_stub(image_size=8, resize=12, threshold=0.9)
+    fig = plot_extremes(images, labels, scores, maps, n=2, detector=detector)
+    assert all(len(_band_patches(ax)) == 1 for ax in fig.axes[:4])
+    assert "outside the crop: not seen" in _legend_labels(fig)
+    # pixel_threshold_ is the default threshold.
+    (colorbar_ax,) = _colorbars(fig)
+    assert [tuple(line.get_ydata()) for line in colorbar_ax.lines] == [(0.9, 0.9)]
+
+
+def test_unseen_band_is_where_the_detector_extrapolates(elpv_small):
+    # A real map: outside the crop, the detector repeats the crop's edge.
+    params = dict(FAST_PARAMS, resize=80)
+    detector = PatchCoreDetector(**params).fit(elpv_small.train_images[:3])
+    image = elpv_small.test_images[-1]
+    (anomaly_map,) = detector.anomaly_maps([image])
+    ax = plot_anomaly_map(image, anomaly_map, detector=detector)
+    unseen = np.ma.getmaskarray(ax.images[-1].get_array())
+
+    # Every row of the top band equals the first row, every column of the
+    # left band the first column.
+    first_half = np.arange(300) < 150
+    top_rows = np.flatnonzero(unseen.all(axis=1) & first_half)
+    left_columns = np.flatnonzero(unseen.all(axis=0) & first_half)
+    assert top_rows.size > 0 and left_columns.size > 0
+    for row in top_rows:
+        np.testing.assert_allclose(anomaly_map[row], anomaly_map[0], rtol=1e-5)
+    for column in left_columns:
+        np.testing.assert_allclose(anomaly_map[:, column], anomaly_map[:, 0], rtol=1e-5)
+    # The first seen row and column already differ from the band's.
+    first_row = top_rows[-1] + 1
+    first_column = left_columns[-1] + 1
+    assert not unseen[first_row, 150] and not unseen[150, first_column]
+    assert not np.allclose(anomaly_map[first_row + 2], anomaly_map[0], rtol=1e-5)
+    assert not np.allclose(
+        anomaly_map[:, first_column + 2], anomaly_map[:, 0], rtol=1e-5
+    )
+
+
+def test_detector_must_be_fitted_and_unchanged():
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        plot_anomaly_map(
+            np.zeros((8, 8)), np.zeros((8, 8)), detector=PatchCoreDetector()
+        )
+    detector = _fitted_stub(64, 80).set_params(resize=96)
+    with pytest.raises(ValueError, match="Cannot plot: .*resize=80 at fit"):
+        plot_anomaly_map(np.zeros((8, 8)), np.zeros((8, 8)), detector=detector)
+    with pytest.raises(ValueError, match="'detector' parameter"):
+        plot_anomaly_map(np.zeros((8, 8)), np.zeros((8, 8)), detector="model")
