@@ -98,7 +98,8 @@ fig = plot_extremes(
 # ---------------
 # ``predict_masks`` marks the pixels whose map value exceeds
 # ``pixel_threshold_``, the largest map value met on the training images when
-# each was scored without its own patches. Here it is drawn as a dashed white
+# each was scored without its own patches, once the images above the box
+# plot's upper fence are set aside. Here it is drawn as a dashed white
 # line over three defective images, next to the ground truth.
 import matplotlib.pyplot as plt
 

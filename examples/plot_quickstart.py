@@ -71,8 +71,10 @@ print(
 #
 # ``offset_`` was calibrated during ``fit`` by scoring every training image
 # against the memory bank without its own patches. With the default
-# ``contamination="auto"`` it is the lowest of these scores, so that no
-# training image would be flagged.
+# ``contamination="auto"`` it is the lowest of these scores once training
+# images above the box plot's upper fence (Q3 + 1.5 IQR of the anomaly
+# scores) are set aside, so that one odd training image cannot let
+# defects pass.
 scores = detector.score_samples(X_test)
 decision = detector.decision_function(X_test)
 y_pred = detector.predict(X_test)

@@ -81,6 +81,17 @@ def _good_images(sources, y):
     return [sources[i] for i in good]
 
 
+def _upper_whisker(values):
+    """Largest of ``values`` not above Tukey's fence ``Q3 + 1.5 IQR``.
+
+    It ends the upper whisker of a box plot: the largest value once those a
+    box plot draws as outliers are set aside. Being one of ``values``, it is
+    finite when they are.
+    """
+    q1, q3 = np.quantile(values, [0.25, 0.75])
+    return values[values <= q3 + 1.5 * (q3 - q1)].max()
+
+
 def _novelty_only(detector):
     raise AttributeError(
         "fit_predict is not available: PatchCoreDetector is a novelty detector. "
@@ -182,9 +193,11 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
 
     contamination : "auto" or float, default="auto"
         Sets ``offset_`` and ``pixel_threshold_`` from leave-one-image-out
-        scores of the training images (see Notes). With "auto" every training
-        image is an inlier; a float in (0, 0.5] is the fraction of training
-        images to be flagged.
+        scores of the training images (see Notes). "auto" sets aside the
+        training images whose held-out score is an outlier by Tukey's rule
+        (beyond 1.5 interquartile ranges) and puts the threshold at the most
+        anomalous of the others; a float in (0, 0.5] is the fraction of
+        training images to be flagged, the thresholds being quantiles.
 
     nn_algorithm : {"exact", "pynndescent"}, default="exact"
         Nearest-neighbour search: exact brute force, or an approximate
@@ -230,10 +243,14 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
 
     offset_ : float
         Threshold on ``score_samples``: ``decision_function = score_samples
-        - offset_``, negative for outliers.
+        - offset_``, negative for outliers. Set by ``contamination`` at each
+        ``fit`` and ``partial_fit``; it may be assigned after fitting to move
+        the threshold, e.g. to one chosen on labelled images with
+        :func:`~skpatchcore.metrics.f1_max`.
 
     pixel_threshold_ : float
-        Anomaly-map value above which ``predict_masks`` marks a pixel.
+        Anomaly-map value above which ``predict_masks`` marks a pixel. Set
+        and assignable like ``offset_``.
 
     n_train_images_ : int
         Number of images trained on, over all calls of :meth:`partial_fit`:
@@ -289,10 +306,16 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
     Thresholds. At ``fit``, each calibration image (every training image, up
     to ``max_calibration_images``) is scored against the memory bank with
     its own patches removed (leave one image out), which is how an unseen
-    good image is scored. ``offset_`` is the ``contamination`` quantile of
-    these ``score_samples`` (their minimum for "auto"), and
-    ``pixel_threshold_`` the ``1 - contamination`` quantile of each image's
-    largest anomaly-map value (their maximum for "auto"). An image whose
+    good image is scored; the largest value of its held-out anomaly map is
+    kept too. For "auto", ``offset_`` is the lowest of these
+    ``score_samples`` not below Tukey's fence ``Q1 - 1.5 IQR`` (the end of
+    the lower whisker of their box plot), and ``pixel_threshold_`` the
+    highest of the largest map values not above their ``Q3 + 1.5 IQR``:
+    every calibration image is an inlier except those that stand out from
+    the others, and neither threshold is ever more lenient than the most
+    anomalous calibration image. For a float, ``offset_`` is the
+    ``contamination`` quantile of the scores and ``pixel_threshold_`` the
+    ``1 - contamination`` quantile of the largest map values. An image whose
     patches have no bank entry from any other image (when the whole bank
     came from it) cannot be scored this way and is left out. At least two
     training images are therefore needed.
@@ -562,7 +585,12 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
                 "memory bank comes from one image. Fit on more distinct images "
                 "or raise coreset_ratio."
             )
-        level = 0.0 if self.contamination == "auto" else self.contamination
+        if self.contamination == "auto":
+            offset = -_upper_whisker(-scores)
+            pixel_threshold = _upper_whisker(maxima)
+        else:
+            offset = np.quantile(scores, self.contamination)
+            pixel_threshold = np.quantile(maxima, 1.0 - self.contamination)
 
         self.feature_extractor_ = extractor
         self.device_ = extractor.device_
@@ -573,8 +601,8 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         self._random_state = random_state
         self.calibration_scores_, self.calibration_map_maxima_ = scores, maxima
         self.n_calibration_images_ = len(scores)
-        self.offset_ = float(np.quantile(scores, level))
-        self.pixel_threshold_ = float(np.quantile(maxima, 1.0 - level))
+        self.offset_ = float(offset)
+        self.pixel_threshold_ = float(pixel_threshold)
         self._fitted_params = self.get_params(deep=False)
         return self
 

@@ -208,10 +208,9 @@ EXPECTED_FAILED_CHECKS = {
         "Two parts cannot apply: X.T is valid input, since images of any "
         "width are accepted and resized; and the training images are scored "
         "against a memory bank holding their own patches, while the "
-        "threshold is set on leave-one-image-out scores, so with "
-        "contamination='auto' all training images are inliers by design and "
-        "a float contamination is met on unseen images, not on the training "
-        "set. The other parts are tested in test_outlier_conventions."
+        "thresholds are set on leave-one-image-out scores, so a float "
+        "contamination is met on unseen images, not on the training set. "
+        "The other parts are tested in test_outlier_conventions."
     ),
     "check_complex_data": (
         "Pixels are validated as images: complex data is rejected with a "

@@ -1,5 +1,6 @@
 import copy
 import pickle
+import statistics
 import warnings
 
 import joblib
@@ -15,6 +16,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
 
 from skpatchcore import PatchCoreDetector
+from skpatchcore.metrics import f1_max
 from skpatchcore.model_selection import NoveltyCV
 
 
@@ -36,6 +38,12 @@ def reference_score_samples(detector, X):
         weight = 1 - np.exp(to_support[0]) / np.exp(to_support).sum() if b > 1 else 1
         scores.append(-weight * nearest[worst])
     return np.array(scores)
+
+
+def tukey_whisker(values):
+    """Largest value not above Q3 + 1.5 IQR, quartiles from the stdlib."""
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return max(value for value in values if value <= q3 + 1.5 * (q3 - q1))
 
 
 def test_scores_match_brute_force_eq7(fast_detector, elpv_small):
@@ -141,7 +149,7 @@ def test_partial_fit_leaves_out_anomalies(cell_arrays):
     assert detector.n_train_images_ == 4
 
 
-def test_auto_threshold_is_the_leave_one_image_out_minimum(cell_arrays):
+def test_auto_threshold_is_the_whisker_of_leave_one_image_out_scores(cell_arrays):
     # With the whole bank kept, scoring image i against the bank without its
     # own patches is the same as scoring it with a detector fitted on the
     # other images: an independent way to get the calibration scores.
@@ -155,8 +163,11 @@ def test_auto_threshold_is_the_leave_one_image_out_minimum(cell_arrays):
         largest.append(others.anomaly_maps(images[i : i + 1])[0].max())
     # The backbone runs on batches of other sizes here, which moves float32
     # features by a few ulps: hence 1e-4.
-    np.testing.assert_allclose(detector.offset_, min(held_out), rtol=1e-4)
-    np.testing.assert_allclose(detector.pixel_threshold_, max(largest), rtol=1e-4)
+    expected_offset = -tukey_whisker([-score for score in held_out])
+    np.testing.assert_allclose(detector.offset_, expected_offset, rtol=1e-4)
+    np.testing.assert_allclose(
+        detector.pixel_threshold_, tukey_whisker(largest), rtol=1e-4
+    )
     assert np.all(detector.predict(images) == 1)
 
     contaminated = PatchCoreDetector(**params, contamination=0.5).fit(images)
@@ -165,6 +176,39 @@ def test_auto_threshold_is_the_leave_one_image_out_minimum(cell_arrays):
     )
     np.testing.assert_allclose(
         contaminated.pixel_threshold_, np.quantile(largest, 0.5), rtol=1e-4
+    )
+
+
+def test_auto_thresholds_set_aside_an_outlying_training_image(cell_arrays):
+    # A blemish that no other training image has: the held-out score and map
+    # of that image stand out, and "auto" no longer lets it set the
+    # thresholds, which the former rule (the extreme image) did.
+    images = cell_arrays.copy()
+    images[0, 100:200, 100:200] = 255
+    detector = PatchCoreDetector(**FAST_PARAMS).fit(images)
+    scores = detector.calibration_scores_.tolist()
+    maxima = detector.calibration_map_maxima_.tolist()
+    assert len(scores) == len(images)
+    assert detector.offset_ == -tukey_whisker([-score for score in scores])
+    assert detector.pixel_threshold_ == tukey_whisker(maxima)
+    assert scores[0] < detector.offset_ <= min(scores[1:])
+    assert maxima[0] > detector.pixel_threshold_ >= max(maxima[1:])
+
+
+def test_assigned_thresholds_move_predict_and_masks(fast_detector, elpv_small):
+    # The documented way to use a threshold chosen on labelled images.
+    detector = copy.deepcopy(fast_detector)
+    X = elpv_small.test_images
+    scores = detector.score_samples(X)
+    _, threshold = f1_max(elpv_small.test_labels, scores)
+    detector.offset_ = threshold
+    np.testing.assert_array_equal(
+        detector.predict(X), np.where(scores >= threshold, 1, -1)
+    )
+    anomaly_map = detector.anomaly_maps(X[:1])[0]
+    detector.pixel_threshold_ = float(np.median(anomaly_map))
+    np.testing.assert_array_equal(
+        detector.predict_masks(X[:1])[0], anomaly_map > np.median(anomaly_map)
     )
 
 
@@ -604,6 +648,7 @@ def test_calibration_sample_is_bounded(cell_arrays):
     for i in sample:
         others = PatchCoreDetector(**params).fit(np.delete(images, i, axis=0))
         held_out.append(others.score_samples(images[i : i + 1])[0])
+    # Three values never hold a Tukey outlier: "auto" is their minimum.
     np.testing.assert_allclose(detector.offset_, min(held_out), rtol=1e-4)
 
 
@@ -706,8 +751,12 @@ def test_partial_fit_thresholds_follow_more_varied_images(cell_arrays):
     assert detector.n_calibration_images_ == 8
     assert detector.offset_ < offset
     assert detector.pixel_threshold_ > pixel_threshold
-    # The earlier images keep their scores: a lower offset, never a higher one.
-    np.testing.assert_allclose(detector.offset_, detector.calibration_scores_.min())
+    # The earlier images keep their scores, and the thresholds follow all eight.
+    scores = detector.calibration_scores_.tolist()
+    assert detector.offset_ == -tukey_whisker([-score for score in scores])
+    assert detector.pixel_threshold_ == tukey_whisker(
+        detector.calibration_map_maxima_.tolist()
+    )
 
 
 def test_partial_fit_after_loading(cell_arrays, tmp_path):
@@ -757,3 +806,42 @@ def test_a_failed_fit_leaves_the_detector_as_it_was(cell_arrays, tmp_path, metho
     assert (
         detector._random_state.get_state()[2] == saved["_random_state"].get_state()[2]
     )
+
+
+def test_pipeline_one_liner_gives_the_detectors_maps(elpv_small, cell_arrays):
+    # The user guide's "In a Pipeline" recipe, checked against a detector
+    # fitted on images cropped by hand.
+    def crop_border(images):
+        return np.asarray(images)[:, 20:-20, 20:-20]
+
+    train = cell_arrays[:6]
+    test = np.stack([np.asarray(Image.open(p)) for p in elpv_small.test_images])
+    pipe = make_pipeline(
+        FunctionTransformer(crop_border), PatchCoreDetector(**FAST_PARAMS)
+    ).fit(train)
+    direct = PatchCoreDetector(**FAST_PARAMS).fit(train[:, 20:-20, 20:-20])
+    cropped = test[:, 20:-20, 20:-20]
+
+    np.testing.assert_array_equal(pipe.predict(test), direct.predict(cropped))
+    for method in ("score_samples", "decision_function"):
+        np.testing.assert_allclose(
+            getattr(pipe, method)(test), getattr(direct, method)(cropped), rtol=1e-6
+        )
+    maps = pipe[-1].anomaly_maps(pipe[:-1].transform(test))
+    assert [m.shape for m in maps] == [(260, 260)] * len(test)
+    for got, expected in zip(maps, direct.anomaly_maps(cropped)):
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+    masks = pipe[-1].predict_masks(pipe[:-1].transform(test))
+    for got, expected in zip(masks, direct.predict_masks(cropped)):
+        np.testing.assert_array_equal(got, expected)
+
+    # The detector alone: pipe[:-1] has no transform, pipe[-1] is the way.
+    alone = make_pipeline(PatchCoreDetector(**FAST_PARAMS)).fit(train)
+    with pytest.raises(AttributeError):
+        alone[:-1].transform(test)
+    np.testing.assert_array_equal(alone.predict(test), alone[-1].predict(test))
+    for got, expected in zip(
+        alone[-1].anomaly_maps(test),
+        PatchCoreDetector(**FAST_PARAMS).fit(train).anomaly_maps(test),
+    ):
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
