@@ -159,7 +159,12 @@ class BankBuilder:
         device = self.extractor.device_
         # Chunks go to joblib workers on the CPU; one GPU does them in turn.
         n_parallel = 1 if device.type != "cpu" else effective_n_jobs(self.n_jobs)
-        bank, bank_images = [], []
+        # Filled in place: joining per-chunk pieces at the end would hold
+        # the bank twice at the peak (3.2 GB more for 784,000 x 1,024).
+        n_rows = n_bank if select else n_patches
+        bank = np.empty((n_rows, n_features), dtype=np.float32)
+        bank_images = np.empty(n_rows, dtype=np.int64)
+        filled = 0
         with (
             progress_bar(len(sources), "features", "images", self.verbose) as images,
             progress_bar(n_bank, "coreset", "patches", self.verbose and select) as bar,
@@ -178,11 +183,14 @@ class BankBuilder:
                 else:
                     chosen = [np.arange(len(f)) for f in features]
                 for c, f, rows in zip(group, features, chosen):
-                    bank.append(f[rows])
-                    bank_images.append(chunks[c][rows // patches_per_image])
+                    np.take(f, rows, axis=0, out=bank[filled : filled + len(rows)])
+                    bank_images[filled : filled + len(rows)] = chunks[c][
+                        rows // patches_per_image
+                    ]
+                    filled += len(rows)
                     bar.update(len(rows))
         kept = kept.reshape(len(kept), *self.extractor.grid_shape_, n_features)
-        return np.concatenate(bank), np.concatenate(bank_images), kept
+        return bank, bank_images, kept
 
     def _extract(self, sources, images, bar):
         """Full patch features of ``images`` as rows, image after image."""
