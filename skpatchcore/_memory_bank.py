@@ -185,10 +185,11 @@ class MemoryBank:
             )
             if groups is not None:
                 first, last = np.searchsorted(own_rows, (start, stop))
-                rows = own_rows[first:last]
-                if len(rows):
-                    columns = torch.from_numpy(rows - start).to(self.device)
-                    tile_groups = torch.from_numpy(bank_groups[rows]).to(self.device)
+                own_in_tile = own_rows[first:last]
+                if len(own_in_tile):
+                    columns = torch.from_numpy(own_in_tile - start).to(self.device)
+                    tile_groups = torch.from_numpy(bank_groups[own_in_tile])
+                    tile_groups = tile_groups.to(self.device)
                     same = query_groups[:, None] == tile_groups[None, :]
                     approx[:, columns] = approx[:, columns].masked_fill_(
                         same, float("inf")
