@@ -42,13 +42,17 @@ from torch import nn
 from skpatchcore._images import load_image, to_model_input
 
 
-def preprocess(image, *, image_size, resize, mean, std):
-    """One image -> normalised float32 tensor (3, image_size, image_size).
+def preprocess(image, *, image_size, resize, mean, std, size_multiple=1):
+    """One image -> normalised float32 tensor (3, height, width).
 
-    skpatchcore's own loading, resize and centre crop, then ``(x - mean) /
-    std`` per channel, so that anomalib sees exactly the estimator's input.
+    skpatchcore's own loading, resize and centre crop (or, with
+    ``resize="keep_aspect"``, its aspect-kept resize with sides rounded to
+    ``size_multiple``), then ``(x - mean) / std`` per channel, so that
+    anomalib sees exactly the estimator's input.
     """
-    tensor, _ = to_model_input(load_image(np.asarray(image)), image_size, resize)
+    tensor, _ = to_model_input(
+        load_image(np.asarray(image)), image_size, resize, size_multiple=size_multiple
+    )
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return ((tensor - mean_t) / std_t).contiguous()
@@ -109,17 +113,21 @@ def _build_model(backbone_module, layers, num_neighbors):
     return model
 
 
-def _to_batches(images, *, image_size, resize, mean, std, batch_size):
-    """Preprocess ``images`` and yield them as stacked batches."""
-    for start in range(0, len(images), batch_size):
-        yield torch.stack(
-            [
-                preprocess(
-                    image, image_size=image_size, resize=resize, mean=mean, std=std
-                )
-                for image in images[start : start + batch_size]
-            ]
-        )
+def _to_batches(images, *, batch_size, **settings):
+    """Preprocess ``images`` and yield them, in order, as stacked batches.
+
+    Aspect-kept inputs of images of different shapes differ in size: a batch
+    ends early where the size changes, as a batch tensor needs one size.
+    """
+    batch = []
+    for image in images:
+        tensor = preprocess(image, **settings)
+        if batch and (len(batch) == batch_size or tensor.shape != batch[0].shape):
+            yield torch.stack(batch)
+            batch = []
+        batch.append(tensor)
+    if batch:
+        yield torch.stack(batch)
 
 
 def fit_anomalib_patchcore(
@@ -131,6 +139,7 @@ def fit_anomalib_patchcore(
     std,
     image_size=224,
     resize=256,
+    size_multiple=1,
     coreset_ratio=0.1,
     num_neighbors=9,
     seed=0,
@@ -150,7 +159,10 @@ def fit_anomalib_patchcore(
     mean, std : sequence of 3 floats
         Input normalisation of the backbone.
     image_size, resize : int
-        Centre-crop side and shorter-side resize (see :func:`preprocess`).
+        Centre-crop side and shorter-side resize (see :func:`preprocess`);
+        ``resize`` may also be None (squash) or ``"keep_aspect"``.
+    size_multiple : int
+        With ``resize="keep_aspect"``, what the input sides are rounded to.
     coreset_ratio : float
         Fraction of training patches kept in the memory bank.
     num_neighbors : int
@@ -191,6 +203,7 @@ def fit_anomalib_patchcore(
             train_images,
             image_size=image_size,
             resize=resize,
+            size_multiple=size_multiple,
             mean=mean,
             std=std,
             batch_size=batch_size,
@@ -213,7 +226,15 @@ def fit_anomalib_patchcore(
 
 
 def predict_anomalib_patchcore(
-    model, test_images, *, mean, std, image_size=224, resize=256, batch_size=16
+    model,
+    test_images,
+    *,
+    mean,
+    std,
+    image_size=224,
+    resize=256,
+    size_multiple=1,
+    batch_size=16,
 ):
     """Score ``test_images`` with a fitted anomalib ``PatchcoreModel``.
 
@@ -223,15 +244,15 @@ def predict_anomalib_patchcore(
         As returned by :func:`fit_anomalib_patchcore`.
     test_images : list of ndarray
         HxW or HxWx3 uint8 images.
-    mean, std, image_size, resize, batch_size
+    mean, std, image_size, resize, size_multiple, batch_size
         As given to :func:`fit_anomalib_patchcore`.
 
     Returns
     -------
     scores : ndarray of shape (n_test,)
         Float64 image scores, higher means more anomalous.
-    maps : list of ndarray of shape (image_size, image_size)
-        Float32 anomaly maps on the cropped model input, from the same
+    maps : list of ndarray
+        Float32 anomaly maps on the model input (the crop), from the same
         forward passes (one per batch) as the scores.
     """
     scores, maps = [], []
@@ -240,6 +261,7 @@ def predict_anomalib_patchcore(
             test_images,
             image_size=image_size,
             resize=resize,
+            size_multiple=size_multiple,
             mean=mean,
             std=std,
             batch_size=batch_size,

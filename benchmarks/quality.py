@@ -5,7 +5,10 @@ Fits skpatchcore's :class:`~skpatchcore.PatchCoreDetector` and anomalib's
 with the same backbone module and weights, image size, resize, coreset ratio
 and re-weighting neighbours, and prints one markdown table: image AUROC,
 pixel AUROC, AUPRO, fit seconds, predict milliseconds per image and peak
-memory of each (data set, method) run.
+memory of each (data set, method) run. ``--backbone`` and ``--geometry``
+choose the backbone (or an ensemble of the three EfficientNet-Lite ones,
+skpatchcore only) and how images become model inputs; ``ablation.py`` runs
+this script's workers over a grid of them.
 
 Every run happens in its own child process, so that its peak resident memory
 is that child's own (``os.wait4``); anomalib runs under a separate
@@ -37,15 +40,28 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
-BACKBONE = "efficientnet_lite0"
-IMAGE_SIZE = 224
-RESIZE = 256
+# The input sizes each EfficientNet-Lite's weights were trained at:
+# (image_size, resize) of the paper's resize-then-crop.
+NATIVE_SIZES = {
+    "efficientnet_lite0": (224, 256),
+    "efficientnet_lite1": (240, 274),
+    "efficientnet_lite2": (260, 297),
+}
+ENSEMBLE = "ensemble"
+BACKBONES = (*NATIVE_SIZES, ENSEMBLE)
+GEOMETRIES = {
+    "crop": "shorter side resized, centre square cropped",
+    "squash": "whole image resized to a square",
+    "keep_aspect": "shorter side resized, longer in proportion, no crop",
+}
 METHODS = ("skpatchcore", "anomalib")
 DATASETS = {
     "mpdd_metal_plate": "MPDD metal_plate",
     "elpv_mono": "ELPV mono",
     "elpv_poly": "ELPV poly",
+    "kolektorsdd": "KolektorSDD",
 }
+FOLDERS = {"mpdd_metal_plate": "mpdd", "kolektorsdd": "kolektorsdd"}
 
 
 def parse_args(argv=None):
@@ -57,6 +73,11 @@ def parse_args(argv=None):
         "--mpdd",
         default=os.path.normpath(REPO / ".." / "shared" / "data" / "mpdd_metal_plate"),
         help="MVTec-style folder of MPDD metal_plate (skipped when absent)",
+    )
+    parser.add_argument(
+        "--kolektorsdd",
+        default=os.path.normpath(REPO / ".." / "shared" / "data" / "kolektorsdd"),
+        help="MVTec-style folder of KolektorSDD (skipped when absent)",
     )
     parser.add_argument(
         "--datasets",
@@ -72,7 +93,8 @@ def parse_args(argv=None):
         "--train-size",
         type=int,
         default=100,
-        help="normal ELPV cells to train on (MPDD always uses all 54)",
+        help="normal ELPV cells to train on (MPDD and KolektorSDD are used "
+        "whole unless --folder-subset)",
     )
     parser.add_argument(
         "--n-test",
@@ -81,10 +103,25 @@ def parse_args(argv=None):
         help="ELPV test cells of each class, normal and defective (at most)",
     )
     parser.add_argument(
-        "--mpdd-subset",
+        "--folder-subset",
         action="store_true",
-        help="cut MPDD to --train-size training images and --n-test test "
-        "images of each class too (plumbing checks); by default MPDD is used whole",
+        help="cut MPDD and KolektorSDD to their first --train-size training "
+        "images and --n-test test images of each class too (plumbing checks); "
+        "by default they are used whole",
+    )
+    parser.add_argument(
+        "--backbone",
+        choices=BACKBONES,
+        default="efficientnet_lite0",
+        help=f"'{ENSEMBLE}': a PatchCoreEnsemble of the three EfficientNet-Lite "
+        "backbones (skpatchcore only)",
+    )
+    parser.add_argument(
+        "--geometry",
+        choices=GEOMETRIES,
+        default="crop",
+        help="model input of each image, at the backbone's native size: "
+        + "; ".join(f"{name}: {text}" for name, text in GEOMETRIES.items()),
     )
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
     parser.add_argument("--num-neighbors", type=int, default=9)
@@ -110,8 +147,8 @@ def parse_args(argv=None):
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.datasets = _split_choices(parser, "--datasets", args.datasets, DATASETS)
-    args.methods = _split_choices(parser, "--methods", args.methods, METHODS)
+    args.datasets = split_choices(parser, "--datasets", args.datasets, DATASETS)
+    args.methods = split_choices(parser, "--methods", args.methods, METHODS)
     for name in ("train_size", "n_test", "repeat", "batch_size", "num_neighbors"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -120,7 +157,8 @@ def parse_args(argv=None):
     return args
 
 
-def _split_choices(parser, option, value, known):
+def split_choices(parser, option, value, known):
+    """The comma-separated items of ``value``, each one of ``known``."""
     chosen = [item.strip() for item in value.split(",") if item.strip()]
     unknown = [item for item in chosen if item not in known]
     if unknown or not chosen:
@@ -137,11 +175,11 @@ def load_dataset(name, args, lazy=False):
     """
     from skpatchcore.datasets import load_elpv, load_mvtec_folder
 
-    if name == "mpdd_metal_plate":
-        data = load_mvtec_folder(args.mpdd, lazy=lazy)
+    if name in FOLDERS:
+        data = load_mvtec_folder(getattr(args, FOLDERS[name]), lazy=lazy)
         train, test = data.train_images, data.test_images
         labels, masks = data.test_labels, data.test_masks
-        if args.mpdd_subset:
+        if args.folder_subset:
             train = train[: args.train_size]
             keep = np.concatenate(
                 [np.flatnonzero(labels == c)[: args.n_test] for c in (1, -1)]
@@ -165,8 +203,9 @@ def dataset_notes(args):
     """Data sets to run, and a note for each one skipped."""
     runnable, notes = [], []
     for name in args.datasets:
-        if name == "mpdd_metal_plate" and not Path(args.mpdd).is_dir():
-            notes.append(f"{DATASETS[name]} skipped: no folder {args.mpdd}.")
+        folder = getattr(args, FOLDERS[name]) if name in FOLDERS else None
+        if folder is not None and not Path(folder).is_dir():
+            notes.append(f"{DATASETS[name]} skipped: no folder {folder}.")
             continue
         if name.startswith("elpv"):
             try:
@@ -199,19 +238,41 @@ def _peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _fit_predict_skpatchcore(train, test, args):
-    from skpatchcore import PatchCoreDetector
+def input_settings(backbone, geometry):
+    """``image_size`` and ``resize`` of a backbone's native size in ``geometry``."""
+    image_size, resize = NATIVE_SIZES[backbone]
+    if geometry == "squash":
+        resize = None
+    elif geometry == "keep_aspect":
+        resize = "keep_aspect"
+    return {"image_size": image_size, "resize": resize}
 
-    detector = PatchCoreDetector(
-        backbone=BACKBONE,
-        image_size=IMAGE_SIZE,
-        resize=RESIZE,
-        coreset_ratio=args.coreset_ratio,
-        n_reweight_neighbors=args.num_neighbors,
-        batch_size=args.batch_size,
-        device="cpu",
+
+def make_detector(args):
+    """The skpatchcore estimator of ``args.backbone`` and ``args.geometry``."""
+    from skpatchcore import PatchCoreDetector, PatchCoreEnsemble
+
+    def detector(backbone):
+        return PatchCoreDetector(
+            backbone=backbone,
+            **input_settings(backbone, args.geometry),
+            coreset_ratio=args.coreset_ratio,
+            n_reweight_neighbors=args.num_neighbors,
+            batch_size=args.batch_size,
+            device="cpu",
+            random_state=args.seed,
+        )
+
+    if args.backbone != ENSEMBLE:
+        return detector(args.backbone)
+    return PatchCoreEnsemble(
+        [(name.removeprefix("efficientnet_"), detector(name)) for name in NATIVE_SIZES],
         random_state=args.seed,
     )
+
+
+def _fit_predict_skpatchcore(train, test, args):
+    detector = make_detector(args)
     start = time.perf_counter()
     detector.fit(train)
     fit_seconds = time.perf_counter() - start
@@ -225,15 +286,23 @@ def _fit_predict_skpatchcore(train, test, args):
         detector.score_samples(test)
         score_times.append(time.perf_counter() - start)
     scores = -score_samples
+    members = getattr(detector, "detectors_", [detector])
     return {
         "scores": scores,
         "maps": maps,
         "fit_seconds": fit_seconds,
         "predict_seconds": float(np.median(predict_times)),
         "score_seconds": float(np.median(score_times)),
-        "memory_bank_size": int(detector.memory_bank_.shape[0]),
-        "embedding_dim": int(detector.memory_bank_.shape[1]),
+        "memory_banks": [list(member.memory_bank_.shape) for member in members],
     }
+
+
+def _size_multiple(backbone, settings):
+    """Grid stride that skpatchcore rounds aspect-kept input sides to."""
+    from skpatchcore import PatchFeatureExtractor
+
+    extractor = PatchFeatureExtractor(backbone=backbone, device="cpu", **settings)
+    return extractor.fit().size_multiple_
 
 
 def _fit_predict_anomalib(train, test, args):
@@ -244,15 +313,19 @@ def _fit_predict_anomalib(train, test, args):
     from skpatchcore._images import input_geometry
 
     start = time.perf_counter()
-    module, layers, mean, std = load_backbone(BACKBONE)
+    settings = input_settings(args.backbone, args.geometry)
+    if args.geometry == "keep_aspect":
+        # Input sides rounded to the backbone's grid stride, as skpatchcore
+        # rounds them, so that both see the same tensors.
+        settings["size_multiple"] = _size_multiple(args.backbone, settings)
+    module, layers, mean, std = load_backbone(args.backbone)
     model = fit_anomalib_patchcore(
         train,
         backbone_module=module,
         layers=layers,
         mean=mean,
         std=std,
-        image_size=IMAGE_SIZE,
-        resize=RESIZE,
+        **settings,
         coreset_ratio=args.coreset_ratio,
         num_neighbors=args.num_neighbors,
         seed=args.seed,
@@ -268,17 +341,14 @@ def _fit_predict_anomalib(train, test, args):
             test,
             mean=mean,
             std=std,
-            image_size=IMAGE_SIZE,
-            resize=RESIZE,
+            **settings,
             batch_size=args.batch_size,
         )
         # Back onto the original image exactly as skpatchcore does, so that
         # both methods are scored against the same full-resolution masks.
         maps = [
-            to_original_geometry(
-                input_map, input_geometry(*image.shape[:2], IMAGE_SIZE, RESIZE)
-            )
-            for input_map, image in zip(input_maps, test)
+            to_original_geometry(map_, input_geometry(*image.shape[:2], **settings))
+            for map_, image in zip(input_maps, test)
         ]
         predict_times.append(time.perf_counter() - start)
     return {
@@ -287,8 +357,7 @@ def _fit_predict_anomalib(train, test, args):
         "fit_seconds": fit_seconds,
         "predict_seconds": float(np.median(predict_times)),
         "score_seconds": None,
-        "memory_bank_size": int(model.memory_bank.shape[0]),
-        "embedding_dim": int(model.memory_bank.shape[1]),
+        "memory_banks": [list(model.memory_bank.shape)],
         "feature_extractor": (
             "hooks" if hasattr(model, "fx_fallback_reason") else "torch.fx"
         ),
@@ -344,6 +413,12 @@ def _worker_command(python, dataset, method, out, args):
         str(out),
         "--mpdd",
         args.mpdd,
+        "--kolektorsdd",
+        args.kolektorsdd,
+        "--backbone",
+        args.backbone,
+        "--geometry",
+        args.geometry,
         "--train-size",
         str(args.train_size),
         "--n-test",
@@ -359,8 +434,8 @@ def _worker_command(python, dataset, method, out, args):
         "--repeat",
         str(args.repeat),
     ]
-    if args.mpdd_subset:
-        command.append("--mpdd-subset")
+    if args.folder_subset:
+        command.append("--folder-subset")
     return command
 
 
@@ -373,6 +448,31 @@ def run_child(command):
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     return process.returncode, time.perf_counter() - start, usage.ru_maxrss / 1024.0
+
+
+def run_row(dataset, method, args, python, out, labels, masks):
+    """Run one worker in a child process and score what it wrote to ``out``.
+
+    Returns the table row and a line of details, or None and a note saying
+    that the child failed.
+    """
+    out.mkdir()
+    code, wall, peak = run_child(_worker_command(python, dataset, method, out, args))
+    if code != 0:
+        return None, f"failed (exit code {code})"
+    result = json.loads((out / "result.json").read_text())
+    row = {"dataset": dataset, "method": method, "peak_mib": peak}
+    row.update(result)
+    row.update(score_run(out, labels, masks))
+    banks = " + ".join(f"{n:,} x {d}" for n, d in result["memory_banks"])
+    detail = (
+        f"{method} {result['version']}: {result['n_train']} train, "
+        f"{result['n_test']} test ({result['n_defective']} defective); memory "
+        f"bank {banks}; RSS after imports and data "
+        f"{result['baseline_rss_mib']:.0f} MiB; {result['torch_threads']} torch "
+        f"threads; child wall {wall:.0f} s"
+    )
+    return row, detail
 
 
 def score_run(out, labels, masks):
@@ -397,27 +497,64 @@ def _cell(value, digits):
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def markdown_table(rows):
-    header = (
-        "| data set | method | image AUROC | pixel AUROC | AUPRO | fit s "
-        "| predict ms/img | scores-only ms/img | peak MiB |"
-    )
-    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
-    for row in rows:
-        score_ms = row["score_seconds"]
-        cells = [
-            DATASETS[row["dataset"]],
-            row["method"],
-            _cell(row["image_auroc"], 3),
-            _cell(row["pixel_auroc"], 3),
-            _cell(row["aupro"], 3),
-            f"{row['fit_seconds']:.1f}",
-            f"{1000 * row['predict_seconds'] / row['n_test']:.0f}",
-            "—" if score_ms is None else f"{1000 * score_ms / row['n_test']:.0f}",
-            f"{row['peak_mib']:.0f}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+METRIC_HEADERS = (
+    "image AUROC",
+    "pixel AUROC",
+    "AUPRO",
+    "fit s",
+    "predict ms/img",
+    "scores-only ms/img",
+    "peak MiB",
+)
+
+
+def metric_cells(row):
+    """The cells of ``METRIC_HEADERS`` for one row."""
+    score_ms = row["score_seconds"]
+    return [
+        _cell(row["image_auroc"], 3),
+        _cell(row["pixel_auroc"], 3),
+        _cell(row["aupro"], 3),
+        f"{row['fit_seconds']:.1f}",
+        f"{1000 * row['predict_seconds'] / row['n_test']:.0f}",
+        "—" if score_ms is None else f"{1000 * score_ms / row['n_test']:.0f}",
+        f"{row['peak_mib']:.0f}",
+    ]
+
+
+def markdown_table(headers, cell_rows):
+    """A markdown table of ``headers`` over rows of string cells."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in cell_rows]
     return "\n".join(lines)
+
+
+def model_note(backbone, geometry):
+    """The backbone and input geometry, as the settings line gives them."""
+    names = NATIVE_SIZES if backbone == ENSEMBLE else [backbone]
+    sizes = []
+    for name in names:
+        settings = input_settings(name, geometry)
+        if settings["resize"] is None:
+            sizes.append(f"{name} squashed to {settings['image_size']} px")
+        elif geometry == "keep_aspect":
+            sizes.append(f"{name} shorter side {settings['image_size']} px")
+        else:
+            sizes.append(
+                f"{name} resize {settings['resize']}, crop {settings['image_size']}"
+            )
+    kind = "ensemble of " if backbone == ENSEMBLE else ""
+    return f"{kind}{'; '.join(sizes)} ({geometry}), ImageNet weights"
+
+
+def run_settings(args):
+    """The settings line of a run of ``args``."""
+    return (
+        f"{model_note(args.backbone, args.geometry)}, coreset_ratio "
+        f"{args.coreset_ratio}, {args.num_neighbors} re-weighting neighbours, "
+        f"batch size {args.batch_size}, seed {args.seed}, CPU, median of "
+        f"{args.repeat} prediction passes"
+    )
 
 
 def command_line(script, argv):
@@ -463,51 +600,36 @@ def main(argv=None):
         if problem is not None:
             methods.remove("anomalib")
             notes.append(f"anomalib rows skipped: {problem}.")
+    if "anomalib" in methods and args.backbone == ENSEMBLE:
+        methods.remove("anomalib")
+        notes.append("anomalib rows skipped: anomalib has no ensemble of backbones.")
     interpreters = {"skpatchcore": sys.executable, "anomalib": args.anomalib_python}
 
     rows, details = [], []
     with tempfile.TemporaryDirectory(prefix="skpatchcore-quality-") as tmp:
         for dataset in datasets:
-            labels = masks = None
+            _, _, labels, masks = load_dataset(dataset, args, lazy=True)
             for method in methods:
                 print(f"[quality] {DATASETS[dataset]} / {method} ...", flush=True)
                 out = Path(tmp) / f"{dataset}-{method}"
-                out.mkdir()
-                code, wall, peak = run_child(
-                    _worker_command(interpreters[method], dataset, method, out, args)
+                row, line = run_row(
+                    dataset, method, args, interpreters[method], out, labels, masks
                 )
-                if code != 0:
-                    notes.append(
-                        f"{DATASETS[dataset]} / {method} failed (exit code {code})."
-                    )
+                if row is None:
+                    notes.append(f"{DATASETS[dataset]} / {method} {line}.")
                     continue
-                if labels is None:
-                    _, _, labels, masks = load_dataset(dataset, args, lazy=True)
-                result = json.loads((out / "result.json").read_text())
-                row = {"dataset": dataset, "method": method, "peak_mib": peak}
-                row.update(result)
-                row.update(score_run(out, labels, masks))
                 rows.append(row)
-                details.append(
-                    f"{DATASETS[dataset]} / {method} {result['version']}: "
-                    f"{result['n_train']} train, {result['n_test']} test "
-                    f"({result['n_defective']} defective); memory bank "
-                    f"{result['memory_bank_size']} x {result['embedding_dim']}; "
-                    f"RSS after imports and data {result['baseline_rss_mib']:.0f} "
-                    f"MiB; {result['torch_threads']} torch threads; child wall "
-                    f"{wall:.0f} s"
-                )
+                details.append(f"{DATASETS[dataset]} / {line}")
 
-    print_run_facts(
-        command,
-        f"backbone {BACKBONE} (ImageNet weights), image_size {IMAGE_SIZE}, "
-        f"resize {RESIZE}, coreset_ratio {args.coreset_ratio}, "
-        f"{args.num_neighbors} re-weighting neighbours, batch size "
-        f"{args.batch_size}, seed {args.seed}, CPU, median of {args.repeat} "
-        "prediction passes",
-    )
+    print_run_facts(command, run_settings(args))
     print()
-    print(markdown_table(rows))
+    headers = ("data set", "method", *METRIC_HEADERS)
+    print(
+        markdown_table(
+            headers,
+            [[DATASETS[r["dataset"]], r["method"], *metric_cells(r)] for r in rows],
+        )
+    )
     print()
     for line in details + notes:
         print(f"- {line}")

@@ -2,22 +2,50 @@
 
 Run ``python benchmarks/speed.py``; it prints one markdown table per part,
 each with side-by-side timings and their ratio, measured in this one run.
-Random data and random backbone weights are used: this measures speed only.
 
 * Greedy coreset: one CPU thread in the selection loop (what skpatchcore
-  does) against the process's default thread count.
+  does) against the process's default thread count (random data).
 * Nearest-neighbour search for patch scores: exact blocked search against a
-  pynndescent index (index build excluded, reported separately).
+  pynndescent index (random data; index build excluded, reported
+  separately).
+* Approximate indexes on real patch features: memory banks of every size in
+  ``--bank-sizes`` made of the EfficientNet-Lite0 patch features (224 x 224
+  input, 784 patches per cell) of good ELPV cells, all patches kept (cells
+  beyond the good ones are flipped and rotated copies, as in ``scale.py``).
+  50 good and 50 defective ELPV test cells are scored against each bank as
+  ``PatchCoreDetector.score_samples`` does (nearest bank feature of every
+  patch, then the re-weighting of eq. 7), by exact search and by each index,
+  batch by batch in turn. Per bank size and index: build seconds, search
+  milliseconds per test image, speedup over exact search, recall@1 (test
+  patches given a neighbour at the exact nearest distance), the largest
+  image-score difference, both image AUROCs, and the number of test images
+  after which the index has saved its build time. pynndescent's
+  compilation by numba, once per process, is timed apart.
+
+Usage, from the repository root::
+
+    python benchmarks/speed.py
+    python benchmarks/speed.py --parts index --bank-sizes 10000,100000
 """
 
 import argparse
+import math
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from skpatchcore._coreset import _greedy_steps
 from skpatchcore._memory_bank import MemoryBank
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+PATCHES_PER_CELL = 784
+# Test cells per scoring call: PatchCoreDetector's default batch_size.
+SCORE_BATCH = 16
 
 
 def best_of(repeats, function):
@@ -77,8 +105,176 @@ def search_table(n_bank, n_queries, dim, repeats):
     )
 
 
+def cell_features(n_cells, args):
+    """Lite0 patch features of ``n_cells`` good training cells and the test cells.
+
+    Returns ``(train, test, labels)``: arrays of shape (n_cells, 784, 152)
+    and (n_test, 28, 28, 152), and the test labels (+1 good, -1 defective).
+    The features are kept in ``--cache`` and read from there next time.
+    """
+    from scale import load_cells
+
+    from skpatchcore import PatchFeatureExtractor
+
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    stored = cache / f"features-{n_cells}-{args.n_test}-{args.seed}.npz"
+    if stored.exists():
+        with np.load(stored) as saved:
+            return saved["train"], saved["test"], saved["labels"]
+    cells, test_cells, labels = load_cells(n_cells, args)
+    extractor = PatchFeatureExtractor(
+        backbone="efficientnet_lite0", image_size=224, resize=None, device="cpu"
+    ).fit()
+    test = extractor.transform(test_cells)
+    train = np.empty((n_cells, PATCHES_PER_CELL, test.shape[-1]), np.float32)
+    done = 0
+    for features, _ in extractor.iter_batches(cells, batch_size=32):
+        train[done : done + len(features)] = features.reshape(
+            len(features), PATCHES_PER_CELL, -1
+        )
+        done += len(features)
+    labels = np.asarray(labels)
+    np.savez(stored, train=train, test=test, labels=labels)
+    return train, test, labels
+
+
+class RecordingBank:
+    """A memory bank that keeps the 1-NN distances it returns, in order."""
+
+    def __init__(self, bank):
+        self.bank = bank
+        self.features = bank.features
+        self.nearest = []
+
+    def kneighbors(self, queries, n_neighbors=1, exclude_groups=None):
+        distances, indices = self.bank.kneighbors(queries, n_neighbors, exclude_groups)
+        if n_neighbors == 1:
+            self.nearest.append(distances[:, 0])
+        return distances, indices
+
+    def exact_distances(self, queries, indices):
+        return self.bank.exact_distances(queries, indices)
+
+
+def index_table(args):
+    from quality import command_line, print_run_facts
+
+    from skpatchcore import PatchCoreDetector
+    from skpatchcore.metrics import image_auroc
+
+    print_run_facts(
+        command_line(__file__, None),
+        "backbone efficientnet_lite0 (ImageNet weights), whole cell resized to "
+        "224 x 224, layers stage3 and stage5, 3 x 3 neighbourhoods, banks of "
+        "all patches of the first cells, 9 re-weighting neighbours, "
+        f"{SCORE_BATCH} test cells per search, seed {args.seed}",
+    )
+    n_cells = math.ceil(max(args.bank_sizes) / PATCHES_PER_CELL)
+    start = time.perf_counter()
+    train, test, labels = cell_features(n_cells, args)
+    print(
+        f"\nfeatures of {n_cells} training and {len(test)} test cells: "
+        f"{time.perf_counter() - start:.0f} s"
+    )
+    # Scores exactly as score_samples computes them, from the bank given.
+    scorer = PatchCoreDetector(n_reweight_neighbors=9)
+    batches = [
+        test[start : start + SCORE_BATCH] for start in range(0, len(test), SCORE_BATCH)
+    ]
+    all_patches = train.reshape(-1, train.shape[-1])
+    if set(args.bank_sizes) & set(args.pynndescent_sizes):
+        # numba compiles pynndescent's functions once per process, on the
+        # first index: timed apart, so that build times are the indexes' own.
+        start = time.perf_counter()
+        MemoryBank(all_patches[:2000], algorithm="pynndescent").kneighbors(
+            test[0].reshape(-1, test.shape[-1]), 1
+        )
+        print(
+            "pynndescent's compilation and a first index of 2,000 entries: "
+            f"{time.perf_counter() - start:.0f} s"
+        )
+    rows = []
+    for n_bank in args.bank_sizes:
+        bank = all_patches[:n_bank]
+        algorithms = ["ivf"] + (
+            ["pynndescent"] if n_bank in args.pynndescent_sizes else []
+        )
+        searchers, build = {"exact": RecordingBank(MemoryBank(bank))}, {}
+        for algorithm in algorithms:
+            start = time.perf_counter()
+            searchers[algorithm] = RecordingBank(
+                MemoryBank(bank, algorithm=algorithm, random_state=args.seed)
+            )
+            build[algorithm] = time.perf_counter() - start
+        seconds = dict.fromkeys(searchers, 0.0)
+        scores = {name: [] for name in searchers}
+        for features in batches:
+            # In turn, batch by batch: load from other processes slows all
+            # searches alike.
+            for name, searcher in searchers.items():
+                start = time.perf_counter()
+                batch_scores, _ = scorer._score_features(searcher, features)
+                seconds[name] += time.perf_counter() - start
+                scores[name].append(batch_scores)
+        scores = {name: np.concatenate(found) for name, found in scores.items()}
+        nearest = {
+            name: np.concatenate(searcher.nearest)
+            for name, searcher in searchers.items()
+        }
+        exact_ms = 1000 * seconds["exact"] / len(test)
+        exact_auroc = image_auroc(labels, -scores["exact"])
+        for algorithm in algorithms:
+            index_ms = 1000 * seconds[algorithm] / len(test)
+            saved_per_image = (exact_ms - index_ms) / 1000
+            rows.append(
+                [
+                    f"{n_bank:,}",
+                    algorithm,
+                    f"{build[algorithm]:.1f}",
+                    f"{exact_ms:.0f}",
+                    f"{index_ms:.0f}",
+                    f"{exact_ms / index_ms:.1f}",
+                    f"{np.mean(nearest[algorithm] <= nearest['exact']):.4f}",
+                    f"{np.max(np.abs(scores[algorithm] - scores['exact'])):.3f}",
+                    f"{exact_auroc:.4f}",
+                    f"{image_auroc(labels, -scores[algorithm]):.4f}",
+                    (
+                        f"{build[algorithm] / saved_per_image:.0f}"
+                        if saved_per_image > 0
+                        else "never"
+                    ),
+                ]
+            )
+            print(" | ".join(rows[-1]), flush=True)
+    print(
+        f"\n### Approximate search on real patch features: {len(test)} ELPV "
+        f"test cells, {test.shape[1] * test.shape[2]} patches each\n"
+    )
+    print(
+        "| bank | index | build (s) | exact ms/img | index ms/img | speedup | "
+        "recall@1 | max score diff | AUROC exact | AUROC index | "
+        "break-even images |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    def sizes(text):
+        return [int(item) for item in text.split(",") if item.strip()]
+
+    parser.add_argument(
+        "--parts",
+        default="coreset,search,index",
+        help="tables to print, of coreset, search (random data) and index",
+    )
     parser.add_argument(
         "--points", type=int, default=47040, help="patches: 60 images of 28 x 28"
     )
@@ -90,10 +286,36 @@ def main():
     )
     parser.add_argument("--feature-dim", type=int, default=152)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--bank-sizes",
+        type=sizes,
+        default=[10000, 30000, 100000, 1000000],
+        help="memory-bank sizes of the index table, in patches",
+    )
+    parser.add_argument(
+        "--pynndescent-sizes",
+        type=sizes,
+        default=[10000, 100000],
+        help="bank sizes at which pynndescent is measured too",
+    )
+    parser.add_argument(
+        "--n-test", type=int, default=50, help="good and defective test cells, each"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cache",
+        default="/tmp/skpatchcore-speed",
+        help="folder for flipped cells and extracted features",
+    )
     args = parser.parse_args()
+    parts = args.parts.split(",")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    coreset_table(args.points, args.dim, args.ratio, args.repeats)
-    search_table(args.bank, args.queries, args.feature_dim, args.repeats)
+    if "coreset" in parts:
+        coreset_table(args.points, args.dim, args.ratio, args.repeats)
+    if "search" in parts:
+        search_table(args.bank, args.queries, args.feature_dim, args.repeats)
+    if "index" in parts:
+        index_table(args)
 
 
 if __name__ == "__main__":

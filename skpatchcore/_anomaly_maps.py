@@ -5,8 +5,10 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
+from ._images import image_size_pair
 
-def model_input_maps(patch_scores, image_size, sigma):
+
+def model_input_maps(patch_scores, input_shape, sigma):
     """Upsample patch-score grids to the model input and smooth them.
 
     Parameters
@@ -14,8 +16,8 @@ def model_input_maps(patch_scores, image_size, sigma):
     patch_scores : ndarray of shape (n_images, grid_height, grid_width)
         Nearest-neighbour distance of each patch.
 
-    image_size : int
-        Side of the square model input.
+    input_shape : int or tuple of int
+        ``(height, width)`` of the model input, or the side of a square one.
 
     sigma : float
         Standard deviation, in model-input pixels, of the Gaussian smoothing
@@ -23,13 +25,13 @@ def model_input_maps(patch_scores, image_size, sigma):
 
     Returns
     -------
-    maps : ndarray of shape (n_images, image_size, image_size)
+    maps : ndarray of shape (n_images, height, width)
         Float32 maps; higher is more anomalous.
     """
     grid = torch.from_numpy(np.ascontiguousarray(patch_scores, dtype=np.float32))
     upsampled = F.interpolate(
         grid[:, None],
-        size=(image_size, image_size),
+        size=image_size_pair(input_shape),
         mode="bilinear",
         align_corners=False,
     )[:, 0].numpy()
@@ -53,7 +55,7 @@ def to_original_geometry(input_map, geometry):
 
     Parameters
     ----------
-    input_map : ndarray of shape (image_size, image_size)
+    input_map : ndarray of shape (crop_height, crop_width)
         Map on the model input.
 
     geometry : Geometry
@@ -69,9 +71,9 @@ def to_original_geometry(input_map, geometry):
     ]
     pad = (
         geometry.left,
-        geometry.resized_width - geometry.left - geometry.crop,
+        geometry.resized_width - geometry.left - geometry.crop_width,
         geometry.top,
-        geometry.resized_height - geometry.top - geometry.crop,
+        geometry.resized_height - geometry.top - geometry.crop_height,
     )
     if any(pad):
         tensor = F.pad(tensor, pad, mode="replicate")

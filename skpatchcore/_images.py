@@ -6,6 +6,8 @@ that are loaded lazily, batch by batch, so that a folder of large images never
 has to sit in memory at once.
 """
 
+import math
+import numbers
 import os
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
@@ -73,9 +75,9 @@ class Geometry:
     """Where the model input sits inside an original image.
 
     The original ``height x width`` image is resized to
-    ``resized_height x resized_width``; the model sees the square window of
-    side ``crop`` whose top-left corner is at ``(top, left)`` of the resized
-    image.
+    ``resized_height x resized_width``; the model sees the
+    ``crop_height x crop_width`` window whose top-left corner is at
+    ``(top, left)`` of the resized image (all of it, unless cropped).
     """
 
     height: int
@@ -84,25 +86,83 @@ class Geometry:
     resized_width: int
     top: int
     left: int
-    crop: int
+    crop_height: int
+    crop_width: int
 
 
-def input_geometry(height, width, image_size, resize):
-    """Geometry of the resize / centre-crop applied to one image.
+def image_size_pair(image_size):
+    """``(height, width)`` of the model input that ``image_size`` sets."""
+    if isinstance(image_size, numbers.Integral):
+        return int(image_size), int(image_size)
+    height, width = image_size
+    return int(height), int(width)
 
-    ``resize=None`` resizes straight to ``image_size x image_size`` (no crop);
-    otherwise the shorter side is resized to ``resize`` (aspect ratio kept)
-    and the centre ``image_size x image_size`` window is cropped.
+
+def _round_to_multiple(length, multiple, limit):
+    """``length`` to the nearest positive multiple of ``multiple``, at most ``limit``.
+
+    The limit is kept as far as one ``multiple`` allows.
     """
+    count = max(1, math.floor(length / multiple + 0.5))
+    if limit is not None:
+        count = max(1, min(count, limit // multiple))
+    return count * multiple
+
+
+def input_geometry(
+    height, width, image_size, resize, *, size_multiple=1, max_image_size=None
+):
+    """Geometry of the resize (and centre crop) applied to one image.
+
+    ``image_size`` is the side of a square model input, or its ``(height,
+    width)``. ``resize=None`` resizes the image to exactly that size (no
+    crop); an int resizes the shorter side to ``resize`` (aspect ratio kept)
+    and crops the centre window of that size. ``resize="keep_aspect"``
+    resizes the shorter side to ``image_size`` (an int) and the longer side
+    in proportion, scaled down further if the longer side would exceed
+    ``max_image_size``; both sides are then rounded to a multiple of
+    ``size_multiple`` (the longer one never above ``max_image_size``), and
+    nothing is cropped.
+    """
+    if isinstance(resize, str):
+        scale = image_size / min(height, width)
+        if max_image_size is not None:
+            scale = min(scale, max_image_size / max(height, width))
+        resized_height, resized_width = (
+            _round_to_multiple(side * scale, size_multiple, max_image_size)
+            for side in (height, width)
+        )
+        return Geometry(
+            height,
+            width,
+            resized_height,
+            resized_width,
+            0,
+            0,
+            resized_height,
+            resized_width,
+        )
+    crop_height, crop_width = image_size_pair(image_size)
     if resize is None:
-        return Geometry(height, width, image_size, image_size, 0, 0, image_size)
+        return Geometry(
+            height, width, crop_height, crop_width, 0, 0, crop_height, crop_width
+        )
     if height <= width:
         resized_height, resized_width = resize, max(1, int(resize * width / height))
     else:
         resized_height, resized_width = max(1, int(resize * height / width)), resize
-    top = int(round((resized_height - image_size) / 2.0))
-    left = int(round((resized_width - image_size) / 2.0))
-    return Geometry(height, width, resized_height, resized_width, top, left, image_size)
+    top = int(round((resized_height - crop_height) / 2.0))
+    left = int(round((resized_width - crop_width) / 2.0))
+    return Geometry(
+        height,
+        width,
+        resized_height,
+        resized_width,
+        top,
+        left,
+        crop_height,
+        crop_width,
+    )
 
 
 def check_images(X):
@@ -317,6 +377,25 @@ def load_image(source):
     return array
 
 
+def source_shape(source):
+    """``(height, width)`` of one validated image source.
+
+    A file's size is read from its header, without decoding its pixels.
+    """
+    if not isinstance(source, LazyImage):
+        return source.shape[:2]
+    image = source.image
+    if isinstance(image, Path):
+        try:
+            with Image.open(image) as opened:
+                width, height = opened.size
+        except _DECODING_ERRORS as exc:
+            raise ValueError(f"{source.describe()} cannot be read: {exc}") from exc
+    else:
+        width, height = image.size
+    return height, width
+
+
 def _decode(source):
     """Pixels of a file or PIL image as float32 (H, W) or (H, W, 3) in [0, 1]."""
     where = source.describe()
@@ -350,27 +429,57 @@ def _decode(source):
     return array.astype(np.float32) / 255.0
 
 
-def to_model_input(image, image_size, resize):
-    """Resize and centre-crop one loaded image; return (tensor (3, S, S), geometry)."""
+def to_model_input(image, image_size, resize, *, size_multiple=1, max_image_size=None):
+    """Resize and crop one loaded image; return (tensor (3, h, w), geometry).
+
+    The parameters are those of :func:`input_geometry`.
+    """
     height, width = image.shape[:2]
-    geometry = input_geometry(height, width, image_size, resize)
-    if geometry.resized_height < image_size or geometry.resized_width < image_size:
+    geometry = input_geometry(
+        height,
+        width,
+        image_size,
+        resize,
+        size_multiple=size_multiple,
+        max_image_size=max_image_size,
+    )
+    crop_height, crop_width = geometry.crop_height, geometry.crop_width
+    if geometry.resized_height < crop_height or geometry.resized_width < crop_width:
+        if isinstance(image_size, numbers.Integral):
+            raise ValueError(
+                f"resize={resize} is smaller than image_size={image_size}: the "
+                "centre crop would not fit inside the resized image."
+            )
         raise ValueError(
-            f"resize={resize} is smaller than image_size={image_size}: the centre "
-            "crop would not fit inside the resized image."
+            f"An image of X of {height} x {width} pixels is resized to "
+            f"{geometry.resized_height} x {geometry.resized_width} pixels, as "
+            f"resize={resize} sets its shorter side, which cannot hold the "
+            f"centre {crop_height} x {crop_width} window of image_size="
+            f"{image_size}. Raise resize, swap the sides of image_size for "
+            "images of the other orientation, or pass resize=None, which "
+            "resizes every image to image_size."
         )
     n_resized = geometry.resized_height * geometry.resized_width
     if n_resized > max(height * width, _MAX_RESIZED_PIXELS):
+        size = f"({n_resized * 12 / 1e9:.1f} GB)"
+        if isinstance(resize, str):
+            raise ValueError(
+                f"An image of X of {height} x {width} pixels would be resized "
+                f"to {geometry.resized_height} x {geometry.resized_width} pixels "
+                f"{size}, as resize={resize!r} sets its shorter side to "
+                f"image_size={image_size}. Pass max_image_size to cap its "
+                "longer side, or crop such elongated images into pieces first."
+            )
         # Resizing the shorter side of a very elongated image to ``resize``
         # stretches the longer side by the same factor, although only the
         # centre crop is used.
         raise ValueError(
             f"An image of X of {height} x {width} pixels would be resized to "
             f"{geometry.resized_height} x {geometry.resized_width} pixels "
-            f"({n_resized * 12 / 1e9:.1f} GB) before its centre {image_size} x "
-            f"{image_size} crop, as resize={resize} sets its shorter side. Crop "
-            "such elongated images into pieces first, or pass resize=None, "
-            "which resizes every image to image_size x image_size."
+            f"{size} before its centre {crop_height} x {crop_width} crop, as "
+            f"resize={resize} sets its shorter side. Crop such elongated "
+            "images into pieces first, or pass resize=None, which resizes "
+            "every image to image_size."
         )
     tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
     if (geometry.resized_height, geometry.resized_width) != (height, width):
@@ -385,7 +494,7 @@ def to_model_input(image, image_size, resize):
     tensor = tensor[
         0,
         :,
-        geometry.top : geometry.top + image_size,
-        geometry.left : geometry.left + image_size,
+        geometry.top : geometry.top + crop_height,
+        geometry.left : geometry.left + crop_width,
     ]
     return tensor, geometry

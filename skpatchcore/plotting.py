@@ -77,9 +77,9 @@ def _unseen_band(shape, input_size):
     height, width = shape
     geometry = input_geometry(height, width, *input_size)
     top = geometry.top * height / geometry.resized_height
-    bottom = (geometry.top + geometry.crop) * height / geometry.resized_height
+    bottom = (geometry.top + geometry.crop_height) * height / geometry.resized_height
     left = geometry.left * width / geometry.resized_width
-    right = (geometry.left + geometry.crop) * width / geometry.resized_width
+    right = (geometry.left + geometry.crop_width) * width / geometry.resized_width
     rows = np.arange(height) + 0.5
     columns = np.arange(width) + 0.5
     seen = ((rows >= top) & (rows <= bottom))[:, None] & (

@@ -19,7 +19,8 @@ class ToyExtractor:
 
     def _iter_sources(self, sources, batch_size):
         for start in range(0, len(sources), batch_size):
-            yield np.stack(sources[start : start + batch_size]), None
+            batch = np.stack(sources[start : start + batch_size])
+            yield batch, [None] * len(batch)
 
 
 def toy_images(n_images, grid=(2, 3), dim=6, seed=0):
@@ -142,3 +143,57 @@ def test_covering_radius_within_twice_the_best_of_each_chunk():
             for c in combinations(range(len(points)), len(centers))
         )
         assert radius <= 2 * best + 1e-6
+
+
+class ToyGridsExtractor(ToyExtractor):
+    """Each "image" is its grid, and grids differ, as in keep-aspect mode."""
+
+    def _iter_sources(self, sources, batch_size):
+        for start in range(0, len(sources), batch_size):
+            batch = list(sources[start : start + batch_size])
+            yield batch, [None] * len(batch)
+
+
+def test_plan_chunks_of_images_with_their_own_patches():
+    # Chunks of 20 patches hold 2 images when each may have 10.
+    chunks = plan_chunks(
+        5,
+        np.array([3, 10, 4, 10, 2]),
+        method="partitioned",
+        chunk_size=20,
+        random_state=np.random.RandomState(0),
+    )
+    assert [len(chunk) for chunk in chunks] == [2, 2, 1]
+    # 17 patches in all fit in one chunk: the greedy coreset of all of them.
+    (chunk,) = plan_chunks(
+        5, np.array([3, 4, 4, 4, 2]), method="auto", chunk_size=20, random_state=None
+    )
+    np.testing.assert_array_equal(chunk, np.arange(5))
+
+
+def test_rows_of_images_with_their_own_grids_name_their_image():
+    rng = np.random.default_rng(5)
+    grids = [(2, 3), (4, 1), (1, 1), (3, 3), (2, 2)]
+    images = [rng.normal(size=(*grid, 6)).astype(np.float32) for grid in grids]
+    counts = np.array([math.prod(grid) for grid in grids])
+    builder = BankBuilder(
+        ToyGridsExtractor(None, 6),
+        projection_dim=4,
+        method="partitioned",
+        chunk_size=9,
+        n_jobs=None,
+        batch_size=2,
+        random_state=np.random.RandomState(0),
+        verbose=0,
+    )
+    bank, bank_images, kept = builder.build(
+        images, int(counts.sum()), keep_images=[3, 1], patch_counts=counts
+    )
+    # Every patch is kept, each named after the image it comes from.
+    assert len(bank) == counts.sum()
+    for row, image in zip(bank, bank_images):
+        assert any(np.array_equal(row, p) for p in images[image].reshape(-1, 6))
+    assert sorted(np.bincount(bank_images).tolist()) == sorted(counts.tolist())
+    # The kept images come back on their own grids.
+    np.testing.assert_array_equal(kept[0], images[3])
+    np.testing.assert_array_equal(kept[1], images[1])

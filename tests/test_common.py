@@ -4,8 +4,9 @@ scikit-learn's common checks feed 2-D feature matrices, which PatchCore does
 not take: its input is a collection of images. A test-only adapter turns each
 row of a matrix into a tiny grayscale image and runs the real detector on it
 with a 1x1-convolution backbone, so that the checks exercise the package's own
-validation, fitting, scoring and pickling. The checks that need no data run on
-the real estimators as well.
+validation, fitting, scoring and pickling; a second adapter does the same for
+an ensemble of two such detectors, which fails the same checks for the same
+reasons. The checks that need no data run on the real estimators as well.
 """
 
 import numpy as np
@@ -36,7 +37,7 @@ from sklearn.utils.estimator_checks import (
 )
 from sklearn.utils.fixes import parse_version
 
-from skpatchcore import PatchCoreDetector, PatchFeatureExtractor
+from skpatchcore import PatchCoreDetector, PatchCoreEnsemble, PatchFeatureExtractor
 
 
 class PointwiseConv(torch.nn.Module):
@@ -192,6 +193,59 @@ class MatrixPatchCore(PatchCoreDetector):
         return tags
 
 
+class MatrixPatchCoreEnsemble(PatchCoreEnsemble):
+    """PatchCoreEnsemble on a feature matrix whose rows are tiny images.
+
+    Test-only, like :class:`MatrixPatchCore`. ``detectors=None`` stands for
+    two members with the adapter's sizes and fresh :class:`PointwiseConv`
+    backbones, one scoring with re-weighting (eq. 7), one without, so that
+    their scores differ; they are built in ``fit`` for the reason given in
+    :meth:`MatrixPatchCore.fit`.
+    """
+
+    _parameter_constraints = {
+        **PatchCoreEnsemble._parameter_constraints,
+        "detectors": [list, None],
+    }
+
+    def __init__(self, detectors=None, *, contamination="auto", random_state=0):
+        super().__init__(
+            detectors, contamination=contamination, random_state=random_state
+        )
+
+    def fit(self, X, y=None):
+        # scikit-learn's checks pass classification or regression targets.
+        y = None
+        if self.detectors is not None:
+            return super().fit(_rows_to_images(X), y)
+        params = MatrixPatchCore().get_params()
+        self.detectors = [
+            (
+                name,
+                PatchCoreDetector(
+                    **dict(params, backbone=_one_by_one_backbone(), **changes)
+                ),
+            )
+            for name, changes in [("plain", {"n_reweight_neighbors": 1}), ("eq7", {})]
+        ]
+        try:
+            super().fit(_rows_to_images(X), y)
+        finally:
+            self.detectors = None
+        self._fitted_params = self._model_params()
+        return self
+
+    # decision_function and predict go through score_samples.
+    def score_samples(self, X):
+        return super().score_samples(_rows_to_images(X))
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = True
+        tags.input_tags.three_d_array = False
+        return tags
+
+
 # Each reason says why the check cannot apply to a detector of images; the
 # adapter only translates rows into images, so a failure here is the package's
 # behaviour, checked to be the intended one.
@@ -239,7 +293,7 @@ XFAIL_STRICT = (
 
 
 @parametrize_with_checks(
-    [MatrixPatchCore()],
+    [MatrixPatchCore(), MatrixPatchCoreEnsemble()],
     expected_failed_checks=lambda estimator: EXPECTED_FAILED_CHECKS,
     **XFAIL_STRICT,
 )
@@ -265,12 +319,21 @@ API_CHECKS = [
 ]
 
 
+def _real_ensemble():
+    return PatchCoreEnsemble(
+        [("a", PatchCoreDetector()), ("b", PatchCoreDetector(patch_size=1))]
+    )
+
+
 @pytest.mark.parametrize(
     "estimator, check",
     [
         *[(PatchCoreDetector(), check) for check in API_CHECKS],
         (PatchCoreDetector(), check_estimators_unfitted),
         (PatchCoreDetector(), check_outlier_contamination),
+        *[(_real_ensemble(), check) for check in API_CHECKS],
+        (_real_ensemble(), check_estimators_unfitted),
+        (_real_ensemble(), check_outlier_contamination),
         *[(PatchFeatureExtractor(), check) for check in API_CHECKS],
         (PatchFeatureExtractor(), check_transformers_unfitted),
     ],
@@ -281,7 +344,7 @@ def test_estimator_api(estimator, check):
 
 
 def test_real_estimators_declare_image_input():
-    for estimator in (PatchCoreDetector(), PatchFeatureExtractor()):
+    for estimator in (PatchCoreDetector(), PatchFeatureExtractor(), _real_ensemble()):
         input_tags = get_tags(estimator).input_tags
         assert not input_tags.two_d_array
         assert input_tags.three_d_array

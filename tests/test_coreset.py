@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
+import torch
 from conftest import brute_force_k_center
 
+from skpatchcore import _coreset
 from skpatchcore._coreset import greedy_coreset, random_projection, split_budget
 
 
@@ -161,3 +163,16 @@ def test_split_budget_adds_up_and_is_proportional():
         assert np.all((shares >= 1) & (shares <= sizes))
         if np.all(n_samples * sizes / sizes.sum() >= 1):
             assert np.all(np.abs(shares - n_samples * sizes / sizes.sum()) < 1)
+
+
+@pytest.mark.parametrize("n_points, n_samples", [(2000, 200), (300, 300)])
+def test_device_loop_chooses_as_the_host_loop(n_points, n_samples):
+    # The loop meant for GPUs (no read-back per step) runs on CPU tensors
+    # here: it must choose the same rows, duplicates and all.
+    rng = np.random.default_rng(0)
+    points = torch.from_numpy(rng.normal(size=(n_points, 16)).astype(np.float32))
+    points[10] = points[20]
+    expected = _coreset._greedy_steps(points, n_samples, 3)
+    found = _coreset._greedy_steps_on_device(points, n_samples, 3)
+    np.testing.assert_array_equal(found, expected)
+    assert len(np.unique(found)) == n_samples

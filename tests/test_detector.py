@@ -1,4 +1,5 @@
 import copy
+import math
 import pickle
 import statistics
 import warnings
@@ -7,7 +8,7 @@ import joblib
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_PARAMS
+from conftest import FAST_PARAMS, MPDD
 from PIL import Image
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
@@ -193,6 +194,21 @@ def test_auto_thresholds_set_aside_an_outlying_training_image(cell_arrays):
     assert detector.pixel_threshold_ == tukey_whisker(maxima)
     assert scores[0] < detector.offset_ <= min(scores[1:])
     assert maxima[0] > detector.pixel_threshold_ >= max(maxima[1:])
+
+
+def test_calibration_indices_name_the_training_images(cell_arrays):
+    images = cell_arrays.copy()
+    images[5, 100:200, 100:200] = 255
+    # Image 0 is left out, so the blemished image is training image 4.
+    y = np.r_[-1, np.ones(len(images) - 1, int)]
+    detector = PatchCoreDetector(**FAST_PARAMS).fit(images, y)
+    indices = detector.calibration_indices_
+    np.testing.assert_array_equal(np.sort(indices), np.arange(len(images) - 1))
+    assert indices[np.argmin(detector.calibration_scores_)] == 4
+    # Images of a later call come after all earlier ones.
+    detector.partial_fit(images[:2])
+    assert sorted(detector.calibration_indices_) == list(range(len(images) + 1))
+    assert len(detector.calibration_indices_) == detector.n_calibration_images_
 
 
 def test_assigned_thresholds_move_predict_and_masks(fast_detector, elpv_small):
@@ -426,6 +442,23 @@ def test_coreset_size_and_pynndescent(fast_detector, elpv_small):
     )
 
 
+def test_ivf_scores_close_to_exact_search(fast_detector, elpv_small):
+    # 128 bank entries in 11 lists, of which each query probes at least 8:
+    # a neighbour is rarely missed, and then one of eq. 7's 9 (measured: one
+    # image's score 5e-5 away). Thresholds come from the exact held-out search.
+    approximate = clone(fast_detector).set_params(nn_algorithm="ivf")
+    approximate.fit(elpv_small.train_images)
+    X = elpv_small.test_images
+    scores = approximate.score_samples(X)
+    np.testing.assert_allclose(scores, fast_detector.score_samples(X), rtol=1e-3)
+    assert approximate.offset_ == pytest.approx(fast_detector.offset_, rel=1e-6)
+    centroids, rows, starts = approximate._searcher._index
+    assert len(centroids) == 11
+    restored = pickle.loads(pickle.dumps(approximate))
+    np.testing.assert_array_equal(restored._searcher._index[1], rows)
+    np.testing.assert_array_equal(restored.score_samples(X), scores)
+
+
 def test_pipeline_and_clone(elpv_small, cell_arrays):
     pipeline = make_pipeline(
         FunctionTransformer(lambda X: X[:, 10:-10, 10:-10]),
@@ -582,7 +615,13 @@ def test_image_size_too_small_for_the_backbone(cell_arrays):
 
 
 @pytest.mark.parametrize(
-    "params", [dict(image_size=96), dict(sigma=2.0), dict(coreset_ratio=0.5)]
+    "params",
+    [
+        dict(image_size=96),
+        dict(sigma=2.0),
+        dict(coreset_ratio=0.5),
+        dict(normalization=((0.5,) * 3, (0.25,) * 3)),
+    ],
 )
 def test_model_parameters_changed_after_fit_are_refused(fast_detector, params):
     detector = copy.deepcopy(fast_detector).set_params(**params)
@@ -845,3 +884,187 @@ def test_pipeline_one_liner_gives_the_detectors_maps(elpv_small, cell_arrays):
         PatchCoreDetector(**FAST_PARAMS).fit(train).anomaly_maps(test),
     ):
         np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+# KolektorSDD, MVTec layout, beside MPDD: long grayscale commutators.
+KOLEKTOR = MPDD.parent / "kolektorsdd"
+
+KEEP_ASPECT = dict(FAST_PARAMS, resize="keep_aspect")
+
+
+@pytest.fixture(scope="module")
+def strips(elpv_small):
+    """Six 100 x 300 strips cut from real cells, for keep-aspect training."""
+    cells = [np.asarray(Image.open(path)) for path in elpv_small.train_images]
+    return [cell[:100] for cell in cells[:4]] + [cell[150:250] for cell in cells[4:6]]
+
+
+@pytest.fixture(scope="module")
+def keep_aspect_detector(strips):
+    """A keep-aspect detector fitted on the strips; do not modify it."""
+    return PatchCoreDetector(**KEEP_ASPECT).fit(strips)
+
+
+def test_height_and_width_image_size(strips, cell_arrays):
+    params = dict(FAST_PARAMS, image_size=(64, 160), resize=None)
+    detector = clone(PatchCoreDetector(**params)).fit(strips)
+    # Lite0's stage3 grid has stride 8.
+    assert detector.grid_shape_ == (8, 20)
+    assert len(detector.memory_bank_) == math.ceil(0.25 * 6 * 8 * 20)
+    test = [cell_arrays[6][:90], cell_arrays[7]]
+    assert [m.shape for m in detector.anomaly_maps(test)] == [(90, 300), (300, 300)]
+    # Cropped from the shorter side resized to 80, a 64 x 160 window fits in
+    # a wide image but not in a square one.
+    detector = PatchCoreDetector(**dict(params, resize=80)).fit(strips)
+    assert detector.score_samples(test[:1]).shape == (1,)
+    with pytest.raises(ValueError, match=r"80 x 80 pixels.*64 x 160 window"):
+        detector.score_samples(test[1:])
+
+
+def test_keep_aspect_bank_counts_the_patches_of_each_shape(keep_aspect_detector):
+    detector = keep_aspect_detector
+    # By hand: 100 x 300 -> shorter side 64, longer 192 (a multiple of
+    # Lite0's stride 16); stage3's grid (stride 8) -> 8 x 24 patches each.
+    assert detector.grid_shape_ is None
+    assert detector.feature_extractor_.size_multiple_ == 16
+    assert detector.feature_extractor_.get_grid_shape((100, 300)) == (8, 24)
+    assert len(detector.memory_bank_) == math.ceil(0.25 * 6 * 8 * 24)
+    assert np.isfinite(detector.offset_) and np.isfinite(detector.pixel_threshold_)
+
+
+def test_keep_aspect_fits_on_one_shape_and_scores_others(
+    keep_aspect_detector, cell_arrays
+):
+    detector = copy.deepcopy(keep_aspect_detector).set_params(batch_size=2)
+    test = [cell_arrays[6][:, :120], cell_arrays[7], cell_arrays[0][:100], None]
+    test[3] = cell_arrays[1][50:130, 20:]  # 80 x 280
+    maps, scores = detector.anomaly_maps(test, return_score_samples=True)
+    masks = detector.predict_masks(test)
+    for image, anomaly_map, mask in zip(test, maps, masks):
+        assert anomaly_map.shape == mask.shape == image.shape
+        np.testing.assert_array_equal(mask, anomaly_map > detector.pixel_threshold_)
+    np.testing.assert_array_equal(scores, detector.score_samples(test))
+    # Mixed shapes in batches of 2 score as each image alone.
+    for image, anomaly_map, score in zip(test, maps, scores):
+        (alone_map,), alone = detector.anomaly_maps([image], return_score_samples=True)
+        np.testing.assert_allclose(alone, score, rtol=1e-5)
+        np.testing.assert_allclose(alone_map, anomaly_map, rtol=1e-4, atol=1e-5)
+
+
+def test_keep_aspect_held_out_scores_leave_out_each_image(cell_arrays):
+    # Images of three shapes, so that each has its own number of patches:
+    # with every patch kept, image i scored without its own bank rows is
+    # image i scored by a detector fitted on the others.
+    images = [cell_arrays[0][:100], cell_arrays[1][:, :120], cell_arrays[2][:150]]
+    params = dict(KEEP_ASPECT, coreset_ratio=1.0)
+    detector = PatchCoreDetector(**params).fit(images)
+    assert len(detector.memory_bank_) == sum(
+        math.prod(detector.feature_extractor_.get_grid_shape(i.shape)) for i in images
+    )
+    for i, image in enumerate(images):
+        others = PatchCoreDetector(**params).fit(images[:i] + images[i + 1 :])
+        np.testing.assert_allclose(
+            detector.calibration_scores_[i],
+            others.score_samples([image])[0],
+            rtol=1e-4,
+        )
+
+
+def test_keep_aspect_partial_fit_keeps_the_bank_ratio(strips, cell_arrays):
+    detector = PatchCoreDetector(**KEEP_ASPECT).partial_fit(strips[:3])
+    more = [cell_arrays[6][:, :100], cell_arrays[7][:, 100:200]]  # 300 x 100
+    detector.partial_fit(more)
+    # 3 strips of 8 x 24 patches, 2 upright ones of 24 x 8.
+    assert detector.n_train_images_ == 5
+    assert len(detector.memory_bank_) == math.ceil(0.25 * 5 * 8 * 24)
+
+
+def test_keep_aspect_detector_pickles(keep_aspect_detector, cell_arrays, tmp_path):
+    test = [cell_arrays[6][:, :120], cell_arrays[7]]
+    expected_maps, expected = keep_aspect_detector.anomaly_maps(
+        test, return_score_samples=True
+    )
+    for restored in (
+        pickle.loads(pickle.dumps(keep_aspect_detector)),
+        joblib.load(joblib.dump(keep_aspect_detector, tmp_path / "d.joblib")[0]),
+    ):
+        maps, scores = restored.anomaly_maps(test, return_score_samples=True)
+        np.testing.assert_array_equal(scores, expected)
+        for anomaly_map, expected_map in zip(maps, expected_maps):
+            np.testing.assert_array_equal(anomaly_map, expected_map)
+        assert restored.get_params() == keep_aspect_detector.get_params()
+
+
+def _kolektor_scratch():
+    """A good KolektorSDD part, and a copy with a dark scratch painted on.
+
+    The scratch lies near the bottom of the 1263 x 500 part, below the
+    square that a centre crop keeps.
+    """
+    path = sorted((KOLEKTOR / "test" / "good").glob("*.png"))[0]
+    image = np.asarray(Image.open(path))
+    scratch = np.s_[1000:1008, 150:350]
+    scratched = image.copy()
+    scratched[scratch] = 0
+    return image, scratched, scratch
+
+
+def _mass_near(anomaly_map, clean_map, scratch, margin=100):
+    """Share of the map's excess over the clean image's map near the scratch.
+
+    A scratch changes the features of every patch whose receptive field
+    reaches it; 100 pixels of the part are 45 of a 224-wide model input,
+    under 6 patches of the grid.
+    """
+    excess = np.clip(anomaly_map - clean_map, 0, None)
+    rows, cols = scratch
+    near = excess[
+        rows.start - margin : rows.stop + margin,
+        cols.start - margin : cols.stop + margin,
+    ]
+    return near.sum() / excess.sum()
+
+
+@pytest.mark.skipif(not KOLEKTOR.is_dir(), reason="shared KolektorSDD not present")
+def test_keep_aspect_finds_a_scratch_where_it_is_on_a_long_part():
+    train = sorted((KOLEKTOR / "train" / "good").glob("*.png"))[:6]
+    image, scratched, scratch = _kolektor_scratch()
+    detector = PatchCoreDetector(
+        backbone="efficientnet_lite0",
+        image_size=224,
+        resize="keep_aspect",
+        random_state=0,
+    ).fit(train)
+    (anomaly_map, clean_map), scores = detector.anomaly_maps(
+        [scratched, image], return_score_samples=True
+    )
+    assert anomaly_map.shape == image.shape
+    row, col = np.unravel_index(anomaly_map.argmax(), anomaly_map.shape)
+    rows, cols = scratch
+    assert rows.start <= row < rows.stop and cols.start <= col < cols.stop
+    assert _mass_near(anomaly_map, clean_map, scratch) > 0.75
+    assert scores[0] < detector.offset_ <= scores[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not KOLEKTOR.is_dir(), reason="shared KolektorSDD not present")
+def test_keep_aspect_localises_better_than_crop_or_squash():
+    train = sorted((KOLEKTOR / "train" / "good").glob("*.png"))[:6]
+    image, scratched, scratch = _kolektor_scratch()
+    results = {}
+    for name, resize in [("crop", 256), ("squash", None), ("keep", "keep_aspect")]:
+        detector = PatchCoreDetector(
+            backbone="efficientnet_lite0", resize=resize, random_state=0
+        ).fit(train)
+        (anomaly_map, clean_map), scores = detector.anomaly_maps(
+            [scratched, image], return_score_samples=True
+        )
+        results[name] = scores, anomaly_map, clean_map
+    # The centre crop never sees the scratch: the image scores as if clean.
+    crop_scores, crop_map, crop_clean_map = results["crop"]
+    assert crop_scores[0] == crop_scores[1]
+    np.testing.assert_array_equal(crop_map, crop_clean_map)
+    # Squashed, the scratch is found, but blurred over more of the part.
+    _, *squash_maps = results["squash"]
+    _, *keep_maps = results["keep"]
+    assert _mass_near(*keep_maps, scratch) > _mass_near(*squash_maps, scratch)

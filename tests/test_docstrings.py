@@ -17,11 +17,12 @@ from numpydoc.docscrape import ClassDoc, FunctionDoc
 from numpydoc.validate import validate
 from sklearn.base import BaseEstimator
 
-from skpatchcore import PatchCoreDetector, PatchFeatureExtractor
+from skpatchcore import PatchCoreDetector, PatchCoreEnsemble, PatchFeatureExtractor
 
 PUBLIC_MODULES = [
     "skpatchcore",
     "skpatchcore.datasets",
+    "skpatchcore.export",
     "skpatchcore.metrics",
     "skpatchcore.model_selection",
     "skpatchcore.plotting",
@@ -195,7 +196,7 @@ def _fitted_attributes(estimator):
 
 
 def _tiny_estimators():
-    """A fitted detector and extractor: 1x1 convolution, 4x4 images."""
+    """A fitted detector, extractor and ensemble: 1x1 convolution, 4x4 images."""
     module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, kernel_size=1))
     params = dict(
         backbone=module,
@@ -208,10 +209,18 @@ def _tiny_estimators():
     )
     images = np.random.RandomState(0).rand(3, 4, 4)
     detector = PatchCoreDetector(**params, coreset_ratio=0.5, random_state=0)
-    return detector.fit(images), PatchFeatureExtractor(**params).fit()
+    ensemble = PatchCoreEnsemble(
+        [("a", detector), ("b", PatchCoreDetector(**dict(params, patch_size=3)))],
+        random_state=0,
+    )
+    return (
+        detector.fit(images),
+        PatchFeatureExtractor(**params).fit(),
+        ensemble.fit(images),
+    )
 
 
-@pytest.mark.parametrize("which", [0, 1], ids=["detector", "extractor"])
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["detector", "extractor", "ensemble"])
 def test_documented_attributes_are_the_fitted_ones(which):
     estimator = _tiny_estimators()[which]
     documented = _documented_attributes(type(estimator))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from skpatchcore import PatchFeatureExtractor
+from skpatchcore import PatchFeatureExtractor, _feature_extractor
 from skpatchcore._feature_extractor import adaptive_pool_matrix, channel_projection
 
 
@@ -214,3 +214,297 @@ def test_layer_output_must_be_a_feature_map(layer, match):
     )
     with pytest.raises(ValueError, match=match):
         extractor.fit()
+
+
+class _SelfNormalising(torch.nn.Module):
+    """``net`` preceded by its own per-channel normalisation."""
+
+    def __init__(self, net, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        self.net = net
+
+    def forward(self, x):
+        return self.net((x - self.mean) / self.std)
+
+
+def _small_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, stride=2, padding=1),
+    )
+
+
+def test_normalization_of_a_module_backbone():
+    images = np.random.default_rng(6).random((2, 24, 24, 3))
+    mean, std = (0.2, 0.5, 0.7), (0.1, 0.3, 0.6)
+    params = dict(layers=("0", "2"), image_size=24, resize=None, feature_dim=16)
+
+    given = PatchFeatureExtractor(
+        _small_net(), normalization=(list(mean), np.array(std)), **params
+    ).fit()
+    wrapped = PatchFeatureExtractor(
+        _SelfNormalising(_small_net(), mean, std),
+        normalization=((0, 0, 0), (1, 1, 1)),
+        **dict(params, layers=("net.0", "net.2")),
+    ).fit()
+    imagenet = PatchFeatureExtractor(_small_net(), **params).fit()
+
+    assert (given.mean_, given.std_) == (mean, std)
+    features = given.transform(images)
+    np.testing.assert_allclose(features, wrapped.transform(images), atol=1e-5)
+    # The default for a module is ImageNet's, which gives other features.
+    assert (imagenet.mean_, imagenet.std_) == (
+        (0.485, 0.456, 0.406),
+        (0.229, 0.224, 0.225),
+    )
+    assert not np.allclose(imagenet.transform(images), features, atol=1e-3)
+
+
+def test_normalization_overrides_a_named_backbone():
+    normalization = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    params = dict(weights=None, image_size=32, resize=None, feature_dim=8)
+    default = PatchFeatureExtractor("efficientnet_lite0", **params).fit()
+    given = PatchFeatureExtractor(
+        "efficientnet_lite0", normalization=normalization, **params
+    ).fit()
+    assert (default.mean_, default.std_) == ((0.5,) * 3, (0.5,) * 3)
+    assert (given.mean_, given.std_) == normalization
+    assert given.get_params()["normalization"] is normalization
+
+
+@pytest.mark.parametrize(
+    "normalization, error, match",
+    [
+        (((0.5,) * 3,), TypeError, r"pair \(mean, std\)"),
+        ((0.5, 0.5), TypeError, "mean must be a sequence of 3 numbers"),
+        ((("a", "b", "c"), (1, 1, 1)), TypeError, "mean must be a sequence"),
+        (((0, 0, 0), "abc"), TypeError, "std must be a sequence"),
+        (((0, 0, 0), (True, 1, 1)), TypeError, "std must be a sequence"),
+        (((0.5, 0.5), (1, 1, 1)), ValueError, "mean must have 3 values"),
+        (((0, 0, 0), [[1, 1, 1]]), ValueError, "std must have 3 values"),
+        (((0, float("nan"), 0), (1, 1, 1)), ValueError, "mean must be finite"),
+        (((0, 0, 0), (1, np.inf, 1)), ValueError, "std must be finite"),
+        (((0, 0, 0), (1, 0, 1)), ValueError, "std must be positive"),
+        (((0, 0, 0), (1, 1, -2)), ValueError, "std must be positive"),
+        ("imagenet", ValueError, "'normalization' parameter"),
+    ],
+)
+def test_invalid_normalization(normalization, error, match):
+    extractor = PatchFeatureExtractor(
+        TwoLayers(), layers=("a",), normalization=normalization, image_size=8
+    )
+    with pytest.raises(error, match=match):
+        extractor.fit()
+
+
+def test_normalization_survives_pickling_and_old_files():
+    images = np.random.default_rng(7).random((2, 24, 24, 3))
+    extractor = PatchFeatureExtractor(
+        _small_net(),
+        layers=("2",),
+        normalization=((0.2, 0.5, 0.7), (0.1, 0.3, 0.6)),
+        image_size=24,
+        resize=None,
+    ).fit()
+    restored = pickle.loads(pickle.dumps(extractor))
+    assert restored.get_params()["normalization"] == extractor.normalization
+    assert (restored.mean_, restored.std_) == (extractor.mean_, extractor.std_)
+    np.testing.assert_array_equal(
+        restored.transform(images), extractor.transform(images)
+    )
+
+    # A file of an earlier version, which knew no such parameter.
+    state = PatchFeatureExtractor(_small_net(), layers=("2",)).__getstate__()
+    del state["normalization"]
+    old = PatchFeatureExtractor.__new__(PatchFeatureExtractor)
+    old.__setstate__(state)
+    assert old.get_params()["normalization"] is None
+
+
+def normalised(extractor, image):
+    return (image - np.array(extractor.mean_)) / np.array(extractor.std_)
+
+
+def test_tuple_image_size_crops_or_resizes_to_height_and_width():
+    image = np.random.default_rng(6).random((16, 30, 3)).astype(np.float32)
+    params = dict(layers=("a",), patch_size=1, image_size=(12, 20))
+    # Shorter side 16 = resize: no resize, then the centre 12 x 20 window
+    # (top (16 - 12) / 2 = 2, left (30 - 20) / 2 = 5).
+    cropped = PatchFeatureExtractor(TwoLayers(), resize=16, **params).fit()
+    assert cropped.grid_shape_ == (12, 20) and cropped.size_multiple_ is None
+    np.testing.assert_allclose(
+        cropped.transform(image[None])[0],
+        normalised(cropped, image[2:14, 5:25]),
+        atol=1e-6,
+    )
+    # resize=None: an image of exactly (12, 20) goes in as it is.
+    whole = PatchFeatureExtractor(TwoLayers(), resize=None, **params).fit()
+    np.testing.assert_allclose(
+        whole.transform(image[None, :12, :20])[0],
+        normalised(whole, image[:12, :20]),
+        atol=1e-6,
+    )
+    assert whole.transform(image[None]).shape == (1, 12, 20, 3)
+
+
+def test_keep_aspect_takes_the_whole_image_at_its_own_shape():
+    image = np.random.default_rng(7).random((10, 24, 3)).astype(np.float32)
+    extractor = PatchFeatureExtractor(
+        TwoLayers(),
+        layers=("a", "b"),
+        patch_size=1,
+        image_size=10,
+        resize="keep_aspect",
+    ).fit()
+    # Layer b halves the resolution: sides are rounded to multiples of 2,
+    # which 10 x 24 already are, so the image is neither resized nor cut.
+    assert extractor.size_multiple_ == 2 and extractor.grid_shape_ is None
+    (features,) = extractor.transform(image[None])
+    assert features.shape == (10, 24, 6)
+    np.testing.assert_allclose(
+        features[..., :3], normalised(extractor, image), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "backbone, layers, patch_stride, expected",
+    [
+        (TwoLayers(), ("a",), 1, 1),
+        (TwoLayers(), ("a", "b"), 1, 2),
+        (TwoLayers(), ("a", "b"), 3, 6),
+        ("resnet18", None, 1, 16),  # layer3's stride
+        ("resnet18", ("layer1", "layer2"), 2, 16),  # layer2's 8, times 2
+    ],
+)
+def test_keep_aspect_size_multiple_is_the_largest_grid_stride(
+    backbone, layers, patch_stride, expected
+):
+    weights = None if isinstance(backbone, str) else "DEFAULT"
+    extractor = PatchFeatureExtractor(
+        backbone,
+        weights=weights,
+        layers=layers,
+        patch_stride=patch_stride,
+        image_size=64,
+        resize="keep_aspect",
+    ).fit()
+    assert extractor.size_multiple_ == expected
+
+
+def test_keep_aspect_grids_follow_each_image_in_one_call():
+    rng = np.random.default_rng(8)
+    # Three shapes, in an order that mixes them within batches of 4.
+    shapes = [(100, 250), (64, 64), (300, 90), (100, 250), (300, 90), (64, 64)]
+    images = [rng.random((*shape, 3)).astype(np.float32) for shape in shapes]
+    torch.manual_seed(0)
+    extractor = PatchFeatureExtractor(
+        "resnet18",
+        weights=None,
+        feature_dim=32,
+        image_size=64,
+        resize="keep_aspect",
+        batch_size=4,
+    ).fit()
+    features = extractor.transform(images)
+    assert isinstance(features, list) and len(features) == len(images)
+    # Shorter side to 64 and the longer in proportion, rounded to layer3's
+    # stride 16; layer2's grid (stride 8) sets the patches:
+    # 100 x 250 -> 64 x 160 -> 8 x 20; 300 x 90 -> 208 x 64 -> 26 x 8.
+    expected = {(100, 250): (8, 20), (64, 64): (8, 8), (300, 90): (26, 8)}
+    for image, image_features in zip(images, features):
+        grid = expected[image.shape[:2]]
+        assert image_features.shape == (*grid, 32)
+        assert extractor.get_grid_shape(image.shape) == grid
+        # Each image as if it came alone: the same features, in its place.
+        (alone,) = extractor.transform([image])
+        np.testing.assert_allclose(image_features, alone, rtol=1e-5, atol=1e-6)
+    # One shape only: still one array per image.
+    same = extractor.transform(images[:1] * 2)
+    assert isinstance(same, list) and [f.shape for f in same] == [(8, 20, 32)] * 2
+
+
+def test_keep_aspect_max_image_size_caps_the_longer_side():
+    extractor = PatchFeatureExtractor(
+        "resnet18",
+        weights=None,
+        image_size=64,
+        resize="keep_aspect",
+        max_image_size=128,
+    ).fit()
+    # 100 x 400 would become 64 x 256; capped, 32 x 128 -> 4 x 16 patches.
+    assert extractor.get_grid_shape((100, 400)) == (4, 16)
+    (features,) = extractor.transform([np.zeros((100, 400), np.uint8)])
+    assert features.shape[:2] == (4, 16)
+    # The cap bounds every image; a short image keeps image_size.
+    assert extractor.get_grid_shape((64, 64, 3)) == (8, 8)
+
+
+def test_keep_aspect_extractor_pickles():
+    images = [np.random.default_rng(9).random((70, 150, 3))] * 2
+    extractor = PatchFeatureExtractor(
+        "efficientnet_lite0", feature_dim=32, image_size=64, resize="keep_aspect"
+    ).fit()
+    features = extractor.transform(images)
+    restored = pickle.loads(pickle.dumps(extractor))
+    assert restored.size_multiple_ == extractor.size_multiple_ == 16
+    for restored_features, expected in zip(restored.transform(images), features):
+        np.testing.assert_array_equal(restored_features, expected)
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (dict(image_size=0), "image_size"),
+        (dict(image_size=-3), "image_size"),
+        (dict(image_size=2.5), "image_size"),
+        (dict(image_size=[64, 64]), "image_size"),
+        (dict(image_size=(64,)), r"\(height, width\) tuple.*\(64,\)"),
+        (dict(image_size=(64, 64, 3)), r"\(height, width\) tuple"),
+        (dict(image_size=(0, 64)), r"positive ints; got \(0, 64\)"),
+        (dict(image_size=(-64, 64)), r"positive ints; got \(-64, 64\)"),
+        (dict(image_size=(64.0, 64)), r"positive ints; got \(64.0, 64\)"),
+        (dict(image_size=(True, 64)), r"positive ints; got \(True, 64\)"),
+        (dict(image_size=("64", 64)), r"positive ints"),
+        (dict(image_size=(64, 96), resize=60), r"resize=60 must be at least the"),
+        (dict(image_size=(64, 96), resize="keep_aspect"), "image_size must be an"),
+        (dict(resize="keep_ratio"), "resize"),
+        (dict(resize=0), "resize"),
+        (dict(max_image_size=0, resize="keep_aspect"), "max_image_size"),
+        (dict(max_image_size=128), "with resize='keep_aspect' only"),
+        (dict(max_image_size=32, resize="keep_aspect"), "at least image_size=64"),
+    ],
+)
+def test_input_size_errors_are_named(params, match):
+    extractor = PatchFeatureExtractor(
+        "efficientnet_lite0", **dict(dict(image_size=64, resize=72), **params)
+    )
+    with pytest.raises(ValueError, match=match):
+        extractor.fit()
+
+
+@pytest.mark.parametrize("image_shape", [(0, 10), (10,), (10.5, 20), "ab"])
+def test_get_grid_shape_names_a_bad_shape(image_shape):
+    extractor = PatchFeatureExtractor(
+        TwoLayers(), layers=("a",), image_size=8, resize="keep_aspect"
+    ).fit()
+    with pytest.raises(ValueError, match="image_shape must start with"):
+        extractor.get_grid_shape(image_shape)
+
+
+def test_bfloat16_backbone_pass(monkeypatch):
+    # The GPU runs the backbone under bfloat16 autocast; the same path,
+    # forced on the CPU, must give float32 features close to float32 ones.
+    images = np.random.default_rng(0).random((2, 64, 64, 3)).astype(np.float32)
+    params = dict(backbone="efficientnet_lite0", image_size=64, resize=None)
+    expected = PatchFeatureExtractor(**params).fit().transform(images)
+    monkeypatch.setattr(_feature_extractor, "_BFLOAT16_DEVICES", ("cpu",))
+    found = PatchFeatureExtractor(**params).fit().transform(images)
+    assert found.dtype == np.float32
+    assert not np.array_equal(found, expected)
+    scale = np.abs(expected).max()
+    assert np.abs(found - expected).max() < 0.05 * scale
+    assert np.corrcoef(found.ravel(), expected.ravel())[0, 1] > 0.99

@@ -258,3 +258,93 @@ def test_lazy_sources_keep_their_position(tmp_path):
     sources = check_images([np.zeros((4, 4), np.uint8), path, image])
     assert sources[1] == LazyImage(path, 1)
     assert sources[2] == LazyImage(image, 2)
+
+
+@pytest.mark.parametrize(
+    "shape, image_size, resize, expected",
+    [
+        # 400 * 256 / 300 = 341.3 -> 341; (256 - 224) / 2 = 16; 61 / 2 -> 30.
+        ((300, 400), (224, 280), 256, (256, 341, 16, 30, 224, 280)),
+        ((120, 90), (64, 100), None, (64, 100, 0, 0, 64, 100)),
+    ],
+)
+def test_tuple_geometry_by_hand(shape, image_size, resize, expected):
+    g = input_geometry(*shape, image_size=image_size, resize=resize)
+    found = (g.resized_height, g.resized_width, g.top, g.left)
+    assert found + (g.crop_height, g.crop_width) == expected
+
+
+@pytest.mark.parametrize(
+    "shape, image_size, multiple, cap, expected",
+    [
+        # KolektorSDD: 224 / 500 = 0.448; 1263 * 0.448 = 565.8 -> 35 x 16.
+        ((1263, 500), 224, 16, None, (560, 224)),
+        ((100, 250), 64, 16, None, (64, 160)),
+        # 300 * 64 / 90 = 213.3 -> 13 x 16.
+        ((300, 90), 64, 16, None, (208, 64)),
+        # Capped: 400 / 1263 scales 500 to 158.4 -> 10 x 16.
+        ((1263, 500), 224, 16, 400, (400, 160)),
+        # 200 / 16 = 12.5 rounds up to 13, above the cap: 12 x 16.
+        ((1000, 100), 64, 16, 200, (192, 16)),
+        # A side never rounds to nothing.
+        ((10, 2000), 8, 16, None, (16, 1600)),
+        ((37, 53), 30, 1, None, (30, 43)),
+    ],
+)
+def test_keep_aspect_geometry_by_hand(shape, image_size, multiple, cap, expected):
+    g = input_geometry(
+        *shape,
+        image_size=image_size,
+        resize="keep_aspect",
+        size_multiple=multiple,
+        max_image_size=cap,
+    )
+    assert (g.resized_height, g.resized_width) == expected
+    # Nothing is cropped.
+    assert (g.top, g.left, g.crop_height, g.crop_width) == (0, 0, *expected)
+
+
+@pytest.mark.parametrize(
+    "shape, image_size, resize",
+    [
+        ((240, 400), (224, 300), 256),
+        ((150, 90), (64, 100), None),
+        ((1263, 500), 224, "keep_aspect"),
+        ((90, 301), 64, "keep_aspect"),
+    ],
+)
+def test_maps_come_back_to_the_right_pixels_at_any_shape(shape, image_size, resize):
+    # As test_maps_come_back_to_the_right_pixels, for model inputs that are
+    # not square: a (height, width) crop or resize, and keep-aspect inputs
+    # whose sides are rounded to multiples of 16 (each axis scaled apart).
+    height, width = shape
+    image = np.zeros((height, width, 3), np.float32)
+    top, left = (height - 40) * 2 // 3, width // 4
+    image[top : top + 40, left : left + 30] = 1.0
+    tensor, geometry = to_model_input(image, image_size, resize, size_multiple=16)
+    assert tensor.shape[1:] == (geometry.crop_height, geometry.crop_width)
+    back = to_original_geometry(tensor[0].numpy(), geometry)
+    assert back.shape == (height, width)
+    rows, cols = np.nonzero(back > 0.5)
+    assert abs(rows.min() - top) <= 1 and abs(rows.max() - (top + 39)) <= 1
+    assert abs(cols.min() - left) <= 1 and abs(cols.max() - (left + 29)) <= 1
+
+
+def test_tuple_crop_keeps_the_centre_window():
+    image = np.random.default_rng(0).random((40, 70, 3)).astype(np.float32)
+    # The shorter side is 40 already: no resize, then the centre 30 x 50.
+    tensor, _ = to_model_input(image, (30, 50), 40)
+    np.testing.assert_array_equal(tensor.numpy().transpose(1, 2, 0), image[5:35, 10:60])
+
+
+def test_model_input_of_the_wrong_shape_is_named():
+    with pytest.raises(ValueError, match=r"300 x 300 pixels.*256 x 256.*224 x 280"):
+        to_model_input(np.zeros((300, 300, 3), np.float32), (224, 280), 256)
+    # A 1 x 20,000 strip with its shorter side at 224: 4,480,000 pixels long.
+    strip = np.zeros((1, 20000, 3), np.float32)
+    with pytest.raises(ValueError, match=r"224 x 4480000 pixels.*max_image_size"):
+        to_model_input(strip, 224, "keep_aspect", size_multiple=16)
+    tensor, _ = to_model_input(
+        strip, 224, "keep_aspect", size_multiple=16, max_image_size=2048
+    )
+    assert tensor.shape == (3, 16, 2048)

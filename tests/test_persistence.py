@@ -68,14 +68,25 @@ def _tiny_module():
 
 
 @pytest.fixture(
-    params=["efficientnet_lite0", "pynndescent", "resnet18", "module"],
+    params=[
+        "efficientnet_lite0",
+        "pynndescent",
+        "ivf",
+        "resnet18",
+        "module",
+        "keep_aspect",
+    ],
 )
 def fitted(request, fast_detector, cell_arrays):
     """A fitted detector of each backbone kind and search, with its types."""
     if request.param == "efficientnet_lite0":
         return fast_detector, SKPATCHCORE_TYPES
-    if request.param == "pynndescent":
-        params = dict(FAST_PARAMS, nn_algorithm="pynndescent")
+    if request.param in ("pynndescent", "ivf"):
+        params = dict(FAST_PARAMS, nn_algorithm=request.param)
+        types = SKPATCHCORE_TYPES
+    elif request.param == "keep_aspect":
+        # Fitted state of its own: the stride probe and the patch count.
+        params = dict(FAST_PARAMS, resize="keep_aspect")
         types = SKPATCHCORE_TYPES
     elif request.param == "resnet18":
         params = dict(
@@ -254,3 +265,28 @@ def test_bad_stored_module_is_named():
         wrapper.__setstate__(dict(state, type=dict))
     with pytest.raises(TypeError, match="submodule 'x'"):
         wrapper.__setstate__(dict(state, modules={"x": torch.nn.ReLU()}))
+
+
+def test_normalization_is_saved_and_used(cell_arrays, elpv_small, tmp_path):
+    normalization = ((0.4, 0.5, 0.6), (0.2, 0.3, 0.25))
+    detector = PatchCoreDetector(
+        **dict(FAST_PARAMS, normalization=normalization)
+    ).fit(cell_arrays[:4])
+    extractor = detector.feature_extractor_
+    assert (extractor.mean_, extractor.std_) == normalization
+    path = tmp_path / "detector.skops"
+    sio.dump(detector, path)
+    # Plain tuples of floats: no type to trust beyond a named backbone's.
+    assert sio.get_untrusted_types(file=path) == SKPATCHCORE_TYPES
+    X = elpv_small.test_images[:4]
+    expected = detector.score_samples(X)
+
+    for loaded in (
+        sio.load(path, trusted=SKPATCHCORE_TYPES),
+        pickle.loads(pickle.dumps(detector)),
+    ):
+        assert loaded.get_params()["normalization"] == normalization
+        assert (loaded.feature_extractor_.mean_, loaded.feature_extractor_.std_) == (
+            normalization
+        )
+        np.testing.assert_array_equal(loaded.score_samples(X), expected)

@@ -297,6 +297,29 @@ def test_unseen_band_of_a_wide_image_without_upscaling():
     assert len(_band_patches(ax)) == 1
 
 
+def test_unseen_band_of_a_height_and_width_crop_and_of_keep_aspect():
+    # 300 x 400 resized to 80 x 106, centre 64 x 96 crop at rows 8 to 72 and
+    # columns 5 to 101, i.e. rows 30 to 269 and columns 19 to 380.
+    ax = plot_anomaly_map(
+        np.zeros((300, 400)),
+        np.zeros((300, 400)),
+        detector=_fitted_stub((64, 96), 80),
+    )
+    expected = np.ones((300, 400), dtype=bool)
+    expected[30:270, 19:381] = False
+    np.testing.assert_array_equal(
+        np.ma.getmaskarray(ax.images[-1].get_array()), expected
+    )
+    # Keep-aspect inputs are whole images: nothing is unseen.
+    ax = plot_anomaly_map(
+        np.zeros((300, 90)),
+        np.zeros((300, 90)),
+        detector=_fitted_stub(64, "keep_aspect"),
+    )
+    assert not np.ma.getmaskarray(ax.images[-1].get_array()).any()
+    assert _band_patches(ax) == []
+
+
 def test_plot_extremes_greys_out_the_band(scored_images):
     images, labels, scores, maps, _ = scored_images
     detector = _fitted_stub(image_size=8, resize=12, threshold=0.9)

@@ -1,0 +1,400 @@
+"""The whole scoring of a fitted detector as one torch module, for export.
+
+:class:`ScoringGraph` computes, from images at the model input size, what
+:meth:`PatchCoreDetector.score_samples` and the model-input maps of
+:meth:`PatchCoreDetector.anomaly_maps` compute, with tensor operations only
+(no NumPy, SciPy or Python loops over images), so that ``torch.jit.trace``
+and ``torch.onnx.export`` can record it with the memory bank inside.
+"""
+
+import copy
+import functools
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+
+from ._feature_extractor import channel_projection
+from ._memory_bank import _RERANK_MARGIN
+
+
+def _input_shape(image_size):
+    """``(height, width)`` of the model input that ``image_size`` sets.
+
+    Parameters
+    ----------
+    image_size : int or tuple of int
+        The detector's ``image_size``: the side of a square input, or a
+        ``(height, width)`` pair.
+
+    Returns
+    -------
+    shape : tuple of int
+        ``(height, width)``.
+    """
+    if isinstance(image_size, (tuple, list)):
+        return tuple(int(side) for side in image_size)
+    return int(image_size), int(image_size)
+
+
+def _gaussian_kernel(sigma):
+    """SciPy's ``gaussian_filter`` weights for ``truncate=4``, as float32."""
+    radius = int(4.0 * sigma + 0.5)
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    weights = np.exp(-0.5 * offsets**2 / sigma**2)
+    return torch.from_numpy((weights / weights.sum()).astype(np.float32)), radius
+
+
+def _symmetric_indices(length, radius):
+    """Source index of each position of a side padded by ``radius`` on both ends.
+
+    Mirrored about the border with the edge value repeated (``d c b a | a b
+    c d``), SciPy's ``mode="reflect"``; torch's own ``"reflect"`` padding
+    leaves out the edge value and so differs. Computed once here, the
+    padding is a plain gather in the graph, valid for any ``radius``.
+    """
+    positions = np.arange(-radius, length + radius) % (2 * length)
+    mirrored = np.where(positions < length, positions, 2 * length - 1 - positions)
+    return torch.from_numpy(mirrored)
+
+
+def _keep_output(outputs, layer, module, args, output):
+    """Forward hook: record a tapped layer's output of its first call."""
+    outputs.setdefault(layer, output)
+
+
+class ScoringGraph(nn.Module):
+    """Images at the model input size to ``score_samples`` and anomaly maps.
+
+    Parameters
+    ----------
+    detector : PatchCoreDetector
+        A fitted detector with ``nn_algorithm="exact"``. Its network is
+        copied onto the CPU; the detector is not modified.
+
+    Attributes
+    ----------
+    backbone : torch.nn.Module
+        Copy of the detector's backbone, on the CPU; the submodules that run
+        after its last tapped layer are ``torch.nn.Identity``.
+    """
+
+    def __init__(self, detector):
+        super().__init__()
+        extractor = detector.feature_extractor_
+        # The extractor's LayerTaps ends the forward pass by raising an
+        # exception from a hook after the last tap, which torch.export cannot
+        # record. The copy's own hooks stay inert (they act only inside
+        # LayerTaps.forward); these record without raising, and the rest of
+        # the forward pass runs through the submodules that
+        # build_feature_network replaced by Identity, so it costs nothing.
+        self.backbone = copy.deepcopy(extractor.model_.backbone).cpu()
+        self.layers = extractor.layers_
+        self._outputs = {}
+        for layer in self.layers:
+            self.backbone.get_submodule(layer).register_forward_hook(
+                functools.partial(_keep_output, self._outputs, layer)
+            )
+        self.patch_size = extractor.patch_size
+        self.patch_stride = extractor.patch_stride
+        self.grid_shape = tuple(extractor.grid_shape_)
+        self.input_shape = _input_shape(extractor.image_size)
+        bank = detector.memory_bank_
+        self.n_support = min(detector.n_reweight_neighbors, len(bank))
+        # Candidates measured again after the ranking by a matrix product:
+        # for the nearest bank feature of a patch, and for N_b(m*).
+        self.n_candidates = min(len(bank), 1 + _RERANK_MARGIN)
+        self.n_support_candidates = min(len(bank), self.n_support + _RERANK_MARGIN)
+        for name in ("mean", "std"):
+            values = torch.tensor(getattr(extractor, f"{name}_"), dtype=torch.float32)
+            self.register_buffer(name, values.view(1, 3, 1, 1))
+        projection = channel_projection(
+            extractor.layer_channels_, extractor.feature_dim
+        )
+        if projection is not None:
+            projection = torch.from_numpy(projection)
+        self.register_buffer("projection", projection)
+        bank = torch.from_numpy(np.array(bank, dtype=np.float32))
+        self.register_buffer("bank", bank)
+        self.register_buffer("bank_norms", (bank * bank).sum(dim=1))
+        self.sigma = float(detector.sigma)
+        if self.sigma > 0:
+            kernel, radius = _gaussian_kernel(self.sigma)
+            height, width = self.input_shape
+            self.register_buffer("kernel", kernel)
+            self.register_buffer("row_index", _symmetric_indices(height, radius))
+            self.register_buffer("column_index", _symmetric_indices(width, radius))
+
+    def patch_features(self, images):
+        """Patch features as :class:`PatchFeatureExtractor` computes them.
+
+        Parameters
+        ----------
+        images : torch.Tensor of shape (n_images, 3, height, width)
+            RGB in [0, 1] at the model input size.
+
+        Returns
+        -------
+        features : torch.Tensor of shape (n_images, n_patches, n_features)
+            One row per grid position, row-major.
+        """
+        self._outputs.clear()
+        try:
+            self.backbone((images - self.mean) / self.std)
+            maps = [self._outputs[name] for name in self.layers]
+        finally:
+            self._outputs.clear()
+        aggregated = [
+            F.avg_pool2d(
+                feature_map,
+                kernel_size=self.patch_size,
+                stride=self.patch_stride,
+                padding=self.patch_size // 2,
+                count_include_pad=True,
+            )
+            for feature_map in maps
+        ]
+        aligned = [aggregated[0]] + [
+            F.interpolate(m, size=self.grid_shape, mode="bilinear", align_corners=False)
+            for m in aggregated[1:]
+        ]
+        stacked = torch.cat(aligned, dim=1)
+        if self.projection is not None:
+            stacked = torch.einsum("dc,nchw->ndhw", self.projection, stacked)
+        return stacked.flatten(2).transpose(1, 2)
+
+    def _candidates(self, queries, n_candidates):
+        """Bank rows nearest to each query, and their distances, unsorted.
+
+        As in :class:`MemoryBank`, a matrix product ranks the bank and the
+        best candidates are measured again as norms of differences, which
+        suffer no cancellation.
+        """
+        ranking = self.bank_norms - 2.0 * torch.matmul(queries, self.bank.T)
+        _, rows = torch.topk(ranking, n_candidates, dim=-1, largest=False)
+        distances = torch.linalg.vector_norm(
+            self.bank[rows] - queries.unsqueeze(-2), dim=-1
+        )
+        return distances, rows
+
+    def nearest(self, features):
+        """Distance to, and row of, the nearest bank feature of each patch.
+
+        Parameters
+        ----------
+        features : torch.Tensor of shape (n_images, n_patches, n_features)
+            Patch features.
+
+        Returns
+        -------
+        distances : torch.Tensor of shape (n_images, n_patches)
+            Euclidean distances.
+        rows : torch.Tensor of shape (n_images, n_patches)
+            Bank row of each nearest feature.
+        """
+        distances, candidates = self._candidates(features, self.n_candidates)
+        distances, best = torch.min(distances, dim=2, keepdim=True)
+        return distances.squeeze(2), torch.gather(candidates, 2, best).squeeze(2)
+
+    def support(self, centers):
+        """``N_b(m*)`` of each ``m*``: itself first, then its nearest others.
+
+        Searched here rather than tabulated for every bank row at export
+        time: a table costs a search of the whole bank against itself, whose
+        time grows with the square of the bank size (20,000 rows took 9 s on
+        two CPU cores),
+        where this search costs one bank row per image.
+
+        Parameters
+        ----------
+        centers : torch.Tensor of shape (n_images,)
+            Bank row of ``m*`` per image.
+
+        Returns
+        -------
+        support : torch.Tensor of shape (n_images, b)
+            Bank rows.
+        """
+        centers = centers.unsqueeze(1)
+        if self.n_support == 1:
+            return centers
+        distances, candidates = self._candidates(
+            self.bank[centers.squeeze(1)], self.n_support_candidates
+        )
+        # m* stays first; an exact duplicate of it counts among the others.
+        distances = distances.masked_fill(candidates == centers, math.inf)
+        _, others = torch.topk(distances, self.n_support - 1, dim=1, largest=False)
+        return torch.cat([centers, torch.gather(candidates, 1, others)], dim=1)
+
+    def image_scores(self, features, distances, rows):
+        """Eq. 7 score of each image, as :func:`reweighted_scores` gives it.
+
+        Parameters
+        ----------
+        features : torch.Tensor of shape (n_images, n_patches, n_features)
+            Patch features.
+        distances, rows : torch.Tensor of shape (n_images, n_patches)
+            From :meth:`nearest`.
+
+        Returns
+        -------
+        scores : torch.Tensor of shape (n_images,)
+            Anomaly scores, higher is more anomalous.
+        """
+        worst = torch.argmax(distances, dim=1, keepdim=True)
+        m_test = torch.gather(
+            features, 1, worst.unsqueeze(2).expand(-1, -1, features.shape[2])
+        )
+        support = self.support(torch.gather(rows, 1, worst).squeeze(1))
+        support_distances = torch.linalg.vector_norm(
+            self.bank[support] - m_test, dim=2
+        )
+        nearest = support_distances[:, 0]
+        if self.n_support == 1:
+            return nearest
+        log_fraction = nearest - torch.logsumexp(support_distances, dim=1)
+        # m* is the bank feature nearest to m_test, so s* is the smallest of
+        # the b distances and the fraction is at most 1/b <= 1/2: 1 - exp
+        # loses no precision there, and ONNX has no expm1.
+        return (1.0 - torch.exp(log_fraction)) * nearest
+
+    def maps(self, distances):
+        """Patch distances upsampled to the model input and smoothed.
+
+        Parameters
+        ----------
+        distances : torch.Tensor of shape (n_images, n_patches)
+            From :meth:`nearest`.
+
+        Returns
+        -------
+        maps : torch.Tensor of shape (n_images, height, width)
+            As ``model_input_maps`` computes them.
+        """
+        grid = distances.reshape(-1, 1, *self.grid_shape)
+        maps = F.interpolate(
+            grid, size=self.input_shape, mode="bilinear", align_corners=False
+        )
+        if self.sigma > 0:
+            maps = maps.index_select(3, self.column_index)
+            maps = F.conv2d(maps, self.kernel.view(1, 1, 1, -1))
+            maps = maps.index_select(2, self.row_index)
+            maps = F.conv2d(maps, self.kernel.view(1, 1, -1, 1))
+        return maps.squeeze(1)
+
+    def forward(self, images):
+        """Score images and map their anomalies.
+
+        Parameters
+        ----------
+        images : torch.Tensor of shape (n_images, 3, height, width)
+            Float32 RGB in [0, 1] at the model input size.
+
+        Returns
+        -------
+        score_samples : torch.Tensor of shape (n_images,)
+            Minus the eq. 7 score: higher is more normal.
+        maps : torch.Tensor of shape (n_images, height, width)
+            Anomaly maps on the model input; higher is more anomalous.
+        """
+        features = self.patch_features(images)
+        distances, rows = self.nearest(features)
+        return -self.image_scores(features, distances, rows), self.maps(distances)
+
+
+def check_exportable(detector):
+    """Refuse a detector whose scoring the graph cannot reproduce.
+
+    Parameters
+    ----------
+    detector : PatchCoreDetector
+        What was passed to an export function.
+
+    Raises
+    ------
+    ValueError
+        If it searches approximately, has no fixed input shape, or its
+        parameters changed since fit.
+    sklearn.exceptions.NotFittedError
+        If it is not fitted.
+    """
+    # Checked first: fitting would not help.
+    if detector.nn_algorithm != "exact":
+        raise ValueError(
+            "Only nn_algorithm='exact' can be exported, got "
+            f"nn_algorithm={detector.nn_algorithm!r}: the graph searches the "
+            "whole memory bank, so it would not give the approximate "
+            "neighbours this detector scores with. Fit the detector with "
+            "nn_algorithm='exact' to export it."
+        )
+    check_is_fitted(detector)
+    detector._check_unchanged_since_fit("export")
+    if detector.feature_extractor_.grid_shape_ is None:
+        raise ValueError(
+            f"resize={detector.resize!r} gives each image a model input of its "
+            "own shape, and an exported graph takes one fixed input shape: "
+            "fit the detector with resize=None or an int to export it."
+        )
+
+
+def example_input(graph, n_images=2):
+    """Random images of the graph's input shape, for tracing.
+
+    Parameters
+    ----------
+    graph : ScoringGraph
+        The graph.
+    n_images : int, default=2
+        Batch size; torch.export would fix a batch size of 1 as a constant.
+
+    Returns
+    -------
+    images : torch.Tensor of shape (n_images, 3, height, width)
+        Float32 values in [0, 1].
+    """
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand(n_images, 3, *graph.input_shape, generator=generator)
+
+
+def build_scoring_graph(detector):
+    """The scoring graph of ``detector``, checked and run once.
+
+    Parameters
+    ----------
+    detector : PatchCoreDetector
+        A fitted detector.
+
+    Returns
+    -------
+    graph : ScoringGraph
+        In eval mode, without gradients.
+
+    Raises
+    ------
+    ValueError
+        If :func:`check_exportable` refuses the detector, or its backbone
+        cannot run to the end of its forward pass.
+    sklearn.exceptions.NotFittedError
+        If it is not fitted.
+    """
+    check_exportable(detector)
+    graph = ScoringGraph(detector).eval().requires_grad_(False)
+    try:
+        with torch.no_grad():
+            graph(example_input(graph))
+    except Exception as exc:
+        # The detector stops its backbone at the last used layer; the graph
+        # runs it to the end, through the later layers replaced by Identity,
+        # which a module's own forward code may not accept.
+        backbone = type(graph.backbone).__name__
+        raise ValueError(
+            f"The backbone {backbone} cannot be exported: its forward pass, "
+            f"run to the end with the layers after {graph.layers[-1]!r} "
+            f"removed, fails ({type(exc).__name__}: {exc}). Pass as backbone "
+            f"a module whose forward ends at {graph.layers[-1]!r}, and fit "
+            "again."
+        ) from exc
+    return graph
