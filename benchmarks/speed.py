@@ -21,11 +21,19 @@ each with side-by-side timings and their ratio, measured in this one run.
   image-score difference, both image AUROCs, and the number of test images
   after which the index has saved its build time. pynndescent's
   compilation by numba, once per process, is timed apart.
+* Prediction stages on the CPU, each against what it replaced, on the same
+  inputs in alternating passes: ranking the nearest bank entry by int8
+  products against float32 ones (real ELPV patch features; a bank of
+  ``--ranking-bank`` patches, the patches of 16 test cells as queries;
+  whether the neighbours and distances are identical), and the Lite0
+  backbone with its batch norms folded into the convolutions against the
+  backbone as loaded (16 images; the largest feature difference).
 
 Usage, from the repository root::
 
     python benchmarks/speed.py
     python benchmarks/speed.py --parts index --bank-sizes 10000,100000
+    python benchmarks/speed.py --parts prediction --repeats 7
 """
 
 import argparse
@@ -261,6 +269,82 @@ def index_table(args):
         print("| " + " | ".join(row) + " |")
 
 
+def prediction_table(args):
+    """The two CPU speed-ups of prediction, each against what it replaced.
+
+    Nearest-entry ranking by int8 products against float32 ones, on real
+    ELPV patch features (a bank sampled from the training cells' patches,
+    the test cells' patches as queries), and the backbone with batch norms
+    folded against the backbone as loaded; the passes alternate, and the
+    best of ``--repeats`` is kept for each.
+    """
+    from skpatchcore import PatchFeatureExtractor, _memory_bank
+
+    n_cells = -(-args.ranking_bank // PATCHES_PER_CELL)
+    train, test, _ = cell_features(n_cells, args)
+    rng = np.random.default_rng(args.seed)
+    flat = train.reshape(-1, train.shape[-1])
+    bank = flat[rng.choice(len(flat), args.ranking_bank, replace=False)]
+    queries = test[:SCORE_BATCH].reshape(-1, test.shape[-1])
+    searcher = MemoryBank(bank)
+    times, found = {True: [], False: []}, {}
+    for _ in range(args.repeats):
+        for int8 in (False, True):
+            _memory_bank._INT8_RANKING = int8
+            start = time.perf_counter()
+            found[int8] = searcher.kneighbors(queries, 1)
+            times[int8].append(time.perf_counter() - start)
+    _memory_bank._INT8_RANKING = True
+    same = all(np.array_equal(a, b) for a, b in zip(found[True], found[False]))
+    rows = [
+        (
+            f"1-NN search, bank {len(bank)} x {bank.shape[1]}, "
+            f"{len(queries)} queries",
+            "float32 ranking",
+            "int8 ranking",
+            min(times[False]),
+            min(times[True]),
+            "yes" if same else "NO",
+        )
+    ]
+
+    extractor = PatchFeatureExtractor(
+        backbone="efficientnet_lite0", image_size=224, resize=None, device="cpu"
+    ).fit()
+    images = np.random.default_rng(args.seed).random((SCORE_BATCH, 224, 224, 3))
+    images = images.astype(np.float32)
+    folded, loaded = extractor._network, extractor.model_
+    times, found = {"loaded": [], "folded": []}, {}
+    for _ in range(args.repeats):
+        for name, network in (("loaded", loaded), ("folded", folded)):
+            extractor._network = network
+            start = time.perf_counter()
+            found[name] = extractor.transform(images)
+            times[name].append(time.perf_counter() - start)
+    extractor._network = folded
+    scale = np.abs(found["loaded"]).max()
+    close = np.abs(found["folded"] - found["loaded"]).max() / scale
+    rows.append(
+        (
+            f"Lite0 features, {SCORE_BATCH} images of 224 x 224",
+            "batch norms as loaded",
+            "batch norms folded",
+            min(times["loaded"]),
+            min(times["folded"]),
+            f"within {close:.1e} of the largest",
+        )
+    )
+    print(f"\n### Prediction stages on the CPU (best of {args.repeats})\n")
+    print("| stage | before | after | before ms/img | after ms/img | ratio | same |")
+    print("|---|---|---|---:|---:|---:|---|")
+    for stage, before, after, t_before, t_after, same in rows:
+        print(
+            f"| {stage} | {before} | {after} | {1000 * t_before / SCORE_BATCH:.1f} "
+            f"| {1000 * t_after / SCORE_BATCH:.1f} | {t_before / t_after:.2f} "
+            f"| {same} |"
+        )
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -272,8 +356,9 @@ def main():
 
     parser.add_argument(
         "--parts",
-        default="coreset,search,index",
-        help="tables to print, of coreset, search (random data) and index",
+        default="coreset,search,index,prediction",
+        help="tables to print, of coreset, search (random data), index and "
+        "prediction",
     )
     parser.add_argument(
         "--points", type=int, default=47040, help="patches: 60 images of 28 x 28"
@@ -303,6 +388,12 @@ def main():
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--ranking-bank",
+        type=int,
+        default=7840,
+        help="bank size of the prediction table: 10 %% of 100 cells' patches",
+    )
+    parser.add_argument(
         "--cache",
         default="/tmp/skpatchcore-speed",
         help="folder for flipped cells and extracted features",
@@ -316,6 +407,8 @@ def main():
         search_table(args.bank, args.queries, args.feature_dim, args.repeats)
     if "index" in parts:
         index_table(args)
+    if "prediction" in parts:
+        prediction_table(args)
 
 
 if __name__ == "__main__":

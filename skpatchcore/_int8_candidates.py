@@ -119,11 +119,19 @@ class Int8Bank:
         clipped : torch.Tensor of shape (n_queries,)
             True for the rows with a value beyond ``127 * scale``.
         """
-        steps = torch.round((queries - self.center) / self.scale)
-        clipped = (steps.abs() > _LEVELS).any(dim=1)
-        constants = self._constant_columns.expand(len(queries), -1)
-        steps = steps.clamp_(-_LEVELS, _LEVELS).to(torch.int8)
-        return torch.cat([steps, constants], 1), clipped
+        # Few passes over the queries: each costs as much as a slice of the
+        # product when the cores are shared.
+        steps = (queries - self.center).mul_(1.0 / self.scale).round_()
+        lowest, highest = steps.aminmax(dim=1)
+        clipped = (lowest < -_LEVELS) | (highest > _LEVELS)
+        n_features = queries.shape[1]
+        quantised = torch.empty(
+            (len(queries), n_features + len(self._constant_columns)),
+            dtype=torch.int8,
+        )
+        quantised[:, :n_features] = steps.clamp_(-_LEVELS, _LEVELS)
+        quantised[:, n_features:] = self._constant_columns
+        return quantised, clipped
 
     def keys(self, quantised, start, stop):
         """Ranking keys of bank rows ``start:stop`` for the quantised queries.
