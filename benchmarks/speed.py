@@ -25,9 +25,14 @@ each with side-by-side timings and their ratio, measured in this one run.
   inputs in alternating passes: ranking the nearest bank entry by int8
   products against float32 ones (real ELPV patch features; a bank of
   ``--ranking-bank`` patches, the patches of 16 test cells as queries;
-  whether the neighbours and distances are identical), and the Lite0
-  backbone with its batch norms folded into the convolutions against the
-  backbone as loaded (16 images; the largest feature difference).
+  whether the neighbours and distances are identical), selecting each
+  query's candidates by ``torch.topk`` over every bank row against
+  :func:`~skpatchcore._memory_bank.smallest_per_row` (same inputs, int8
+  ranking), the Lite0 backbone with its batch norms folded into the
+  convolutions against the backbone as loaded (16 images; the largest
+  feature difference), and its stride-2 layers convolving a padded copy of
+  their input against the shifted kernel of ``_SamePaddingConv2d`` (folded
+  backbone, same images).
 
 Usage, from the repository root::
 
@@ -37,6 +42,7 @@ Usage, from the repository root::
 """
 
 import argparse
+import copy
 import math
 import sys
 import time
@@ -269,13 +275,41 @@ def index_table(args):
         print("| " + " | ".join(row) + " |")
 
 
+def with_padded_inputs(network):
+    """A copy whose stride-2 convolutions pad their input, as before.
+
+    Each ``_SamePaddingConv2d`` of stride 2 becomes a plain convolution
+    without padding, for which ``_ConvBN`` pads the input instead.
+    """
+    from skpatchcore._backbones import _SamePaddingConv2d
+
+    copied = copy.deepcopy(network)
+    for module in copied.modules():
+        conv = getattr(module, "conv", None)
+        if isinstance(conv, _SamePaddingConv2d) and conv.stride[0] == 2:
+            plain = torch.nn.Conv2d(
+                conv.in_channels,
+                conv.out_channels,
+                conv.kernel_size,
+                stride=conv.stride,
+                padding=0,
+                groups=conv.groups,
+                bias=conv.bias is not None,
+            )
+            plain.load_state_dict(conv.state_dict())
+            module.conv = plain.to(memory_format=torch.channels_last)
+    return copied
+
+
 def prediction_table(args):
-    """The two CPU speed-ups of prediction, each against what it replaced.
+    """The CPU speed-ups of prediction, each against what it replaced.
 
     Nearest-entry ranking by int8 products against float32 ones, on real
     ELPV patch features (a bank sampled from the training cells' patches,
-    the test cells' patches as queries), and the backbone with batch norms
-    folded against the backbone as loaded; the passes alternate, and the
+    the test cells' patches as queries), candidate selection by
+    ``torch.topk`` against span minima first, the backbone with batch norms
+    folded against the backbone as loaded, and stride-2 layers padding
+    their input against a shifted kernel; the passes alternate, and the
     best of ``--repeats`` is kept for each.
     """
     from skpatchcore import PatchFeatureExtractor, _memory_bank
@@ -308,6 +342,30 @@ def prediction_table(args):
         )
     ]
 
+    def topk_per_row(keys, k):
+        return torch.topk(keys, k, dim=1, largest=False)
+
+    selections = {"topk": topk_per_row, "spans": _memory_bank.smallest_per_row}
+    times, found = {name: [] for name in selections}, {}
+    for _ in range(args.repeats):
+        for name, selection in selections.items():
+            _memory_bank.smallest_per_row = selection
+            start = time.perf_counter()
+            found[name] = searcher.kneighbors(queries, 1)
+            times[name].append(time.perf_counter() - start)
+    _memory_bank.smallest_per_row = selections["spans"]
+    same = all(np.array_equal(a, b) for a, b in zip(found["topk"], found["spans"]))
+    rows.append(
+        (
+            "same search, candidates selected",
+            "torch.topk",
+            "span minima first",
+            min(times["topk"]),
+            min(times["spans"]),
+            "yes" if same else "NO",
+        )
+    )
+
     extractor = PatchFeatureExtractor(
         backbone="efficientnet_lite0", image_size=224, resize=None, device="cpu"
     ).fit()
@@ -321,7 +379,6 @@ def prediction_table(args):
             start = time.perf_counter()
             found[name] = extractor.transform(images)
             times[name].append(time.perf_counter() - start)
-    extractor._network = folded
     scale = np.abs(found["loaded"]).max()
     close = np.abs(found["folded"] - found["loaded"]).max() / scale
     rows.append(
@@ -332,6 +389,28 @@ def prediction_table(args):
             min(times["loaded"]),
             min(times["folded"]),
             f"within {close:.1e} of the largest",
+        )
+    )
+
+    networks = {"padded": with_padded_inputs(folded), "shifted": folded}
+    times, found = {name: [] for name in networks}, {}
+    for _ in range(args.repeats):
+        for name, network in networks.items():
+            extractor._network = network
+            start = time.perf_counter()
+            found[name] = extractor.transform(images)
+            times[name].append(time.perf_counter() - start)
+    extractor._network = folded
+    same = np.array_equal(found["padded"], found["shifted"])
+    difference = np.abs(found["padded"] - found["shifted"]).max() / scale
+    rows.append(
+        (
+            "same, stride-2 layers",
+            "input padded",
+            "kernel shifted",
+            min(times["padded"]),
+            min(times["shifted"]),
+            "identical" if same else f"within {difference:.1e} of the largest",
         )
     )
     print(f"\n### Prediction stages on the CPU (best of {args.repeats})\n")

@@ -557,3 +557,38 @@ def test_feature_network_matches_an_explicit_forward():
     assert list(features) == ["layer3", "layer2"]
     torch.testing.assert_close(features["layer2"], layer2)
     torch.testing.assert_close(features["layer3"], layer3)
+
+
+def _with_plain_convolutions(module):
+    """A copy whose stride-2 convolutions are plain, as earlier versions pickled."""
+    copied = copy.deepcopy(module)
+    for block in copied.modules():
+        conv = getattr(block, "conv", None)
+        if isinstance(conv, nn.Conv2d) and conv.stride[0] == 2:
+            plain = nn.Conv2d(
+                conv.in_channels,
+                conv.out_channels,
+                conv.kernel_size,
+                stride=conv.stride,
+                padding=0,
+                groups=conv.groups,
+                bias=False,
+            )
+            plain.load_state_dict(conv.state_dict())
+            block.conv = plain
+    return copied
+
+
+@pytest.mark.parametrize("size", [(224, 224), (225, 231), (224, 231), (97, 160)])
+def test_lite_same_padding_matches_padding_the_input(size):
+    # The shifted-kernel convolution against the input padded as TensorFlow
+    # does (earlier versions, and modules they pickled), for every parity.
+    module = EfficientNetLite0().eval()
+    earlier = _with_plain_convolutions(module)
+    assert type(earlier.stem.conv) is nn.Conv2d
+    batch = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(module(batch), earlier(batch), rtol=1e-5, atol=1e-5)
+        features = module.stage3(module.stage2(module.stage1(module.stem(batch))))
+        expected = earlier.stage3(earlier.stage2(earlier.stage1(earlier.stem(batch))))
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-5)

@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
+import torch
 from scipy.spatial.distance import cdist
 
 from skpatchcore import _memory_bank
-from skpatchcore._memory_bank import MemoryBank
+from skpatchcore._memory_bank import MemoryBank, smallest_per_row
 
 
 def brute_force(queries, bank, k):
@@ -28,6 +29,22 @@ def test_exact_matches_brute_force(data):
     expected_d, expected_i = brute_force(queries, bank, 5)
     np.testing.assert_array_equal(indices, expected_i)
     np.testing.assert_allclose(distances, expected_d, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape, k, high",
+    [((50, 4096), 9, 40), ((64, 400), 17, 1 << 20), ((8, 64), 3, 5), ((5, 30), 2, 9)],
+)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float32])
+def test_smallest_per_row_is_topk(shape, k, high, dtype):
+    # Few distinct values force ties across and within the column spans.
+    generator = torch.Generator().manual_seed(k)
+    keys = torch.randint(-high, high, shape, generator=generator).to(dtype)
+    values, columns = smallest_per_row(keys, k)
+    expected, _ = torch.topk(keys, k, dim=1, largest=False)
+    torch.testing.assert_close(values, expected, rtol=0, atol=0)
+    torch.testing.assert_close(keys.gather(1, columns), values, rtol=0, atol=0)
+    assert all(len(set(row.tolist())) == k for row in columns)
 
 
 def test_precise_where_the_expanded_formula_cancels():
