@@ -25,14 +25,18 @@ each with side-by-side timings and their ratio, measured in this one run.
   inputs in alternating passes: ranking the nearest bank entry by int8
   products against float32 ones (real ELPV patch features; a bank of
   ``--ranking-bank`` patches, the patches of 16 test cells as queries;
-  whether the neighbours and distances are identical), selecting each
+  whether the neighbours and distances are identical); selecting each
   query's candidates by ``torch.topk`` over every bank row against
-  :func:`~skpatchcore._memory_bank.smallest_per_row` (same inputs, int8
-  ranking), the Lite0 backbone with its batch norms folded into the
-  convolutions against the backbone as loaded (16 images; the largest
-  feature difference), and its stride-2 layers convolving a padded copy of
-  their input against the shifted kernel of ``_SamePaddingConv2d`` (folded
-  backbone, same images).
+  :func:`~skpatchcore._memory_bank.smallest_per_row`, and ranking tiles of
+  2,048 queries against 1,024 (same inputs, int8 ranking); the Lite0
+  backbone with its batch norms folded into the convolutions against the
+  backbone as loaded (16 images; the largest feature difference), its
+  stride-2 layers convolving a padded copy of their input against the
+  shifted kernel of ``_SamePaddingConv2d``, and the 16 images in one pass
+  against passes of a few (``_CPU_PIXELS_PER_PASS``); anomaly maps of 16
+  grids of patch distances upsampled and Gaussian-filtered map by map
+  (SciPy) against one operator matrix per axis
+  (:func:`~skpatchcore._anomaly_maps.model_input_maps`).
 
 Usage, from the repository root::
 
@@ -301,18 +305,72 @@ def with_padded_inputs(network):
     return copied
 
 
+def alternating(repeats, variants):
+    """Best wall time and last result of each variant, their passes alternating.
+
+    ``variants`` maps a name to a function of no arguments.
+    """
+    times, found = {name: [] for name in variants}, {}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            start = time.perf_counter()
+            found[name] = run()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}, found
+
+
+def _with_setting(module, name, value, run):
+    """A function calling ``run`` with ``module.name`` set to ``value``."""
+
+    def call():
+        before = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            return run()
+        finally:
+            setattr(module, name, before)
+
+    return call
+
+
+def _same_neighbours(a, b):
+    return "yes" if all(np.array_equal(x, y) for x, y in zip(a, b)) else "NO"
+
+
+def filtered_maps(patch_scores, size, sigma):
+    """Model-input maps as computed before: upsampling, then a filter per map."""
+    from scipy.ndimage import gaussian_filter
+
+    upsampled = torch.nn.functional.interpolate(
+        torch.from_numpy(patch_scores)[:, None],
+        size=(size, size),
+        mode="bilinear",
+        align_corners=False,
+    )[:, 0].numpy()
+    return np.stack(
+        [
+            gaussian_filter(m, sigma=sigma, mode="reflect", truncate=4.0)
+            for m in upsampled
+        ]
+    )
+
+
 def prediction_table(args):
     """The CPU speed-ups of prediction, each against what it replaced.
 
     Nearest-entry ranking by int8 products against float32 ones, on real
     ELPV patch features (a bank sampled from the training cells' patches,
     the test cells' patches as queries), candidate selection by
-    ``torch.topk`` against span minima first, the backbone with batch norms
-    folded against the backbone as loaded, and stride-2 layers padding
-    their input against a shifted kernel; the passes alternate, and the
-    best of ``--repeats`` is kept for each.
+    ``torch.topk`` against span minima first, ranking tiles of 2,048 and
+    1,024 queries, the backbone with batch norms folded against the
+    backbone as loaded, stride-2 layers padding their input against a
+    shifted kernel, one backbone pass per batch against passes of a few
+    images, and anomaly maps upsampled and filtered map by map against
+    per-axis operators; the passes alternate, and the best of ``--repeats``
+    is kept for each.
     """
-    from skpatchcore import PatchFeatureExtractor, _memory_bank
+    from skpatchcore import PatchFeatureExtractor, _anomaly_maps, _feature_extractor
+    from skpatchcore import _memory_bank
 
     n_cells = -(-args.ranking_bank // PATCHES_PER_CELL)
     train, test, _ = cell_features(n_cells, args)
@@ -321,48 +379,66 @@ def prediction_table(args):
     bank = flat[rng.choice(len(flat), args.ranking_bank, replace=False)]
     queries = test[:SCORE_BATCH].reshape(-1, test.shape[-1])
     searcher = MemoryBank(bank)
-    times, found = {True: [], False: []}, {}
-    for _ in range(args.repeats):
-        for int8 in (False, True):
-            _memory_bank._INT8_RANKING = int8
-            start = time.perf_counter()
-            found[int8] = searcher.kneighbors(queries, 1)
-            times[int8].append(time.perf_counter() - start)
-    _memory_bank._INT8_RANKING = True
-    same = all(np.array_equal(a, b) for a, b in zip(found[True], found[False]))
+
+    def search():
+        return searcher.kneighbors(queries, 1)
+
+    best, found = alternating(
+        args.repeats,
+        {
+            "float32": _with_setting(_memory_bank, "_INT8_RANKING", False, search),
+            "int8": search,
+        },
+    )
     rows = [
         (
             f"1-NN search, bank {len(bank)} x {bank.shape[1]}, "
             f"{len(queries)} queries",
             "float32 ranking",
             "int8 ranking",
-            min(times[False]),
-            min(times[True]),
-            "yes" if same else "NO",
+            best["float32"],
+            best["int8"],
+            _same_neighbours(found["float32"], found["int8"]),
         )
     ]
 
     def topk_per_row(keys, k):
         return torch.topk(keys, k, dim=1, largest=False)
 
-    selections = {"topk": topk_per_row, "spans": _memory_bank.smallest_per_row}
-    times, found = {name: [] for name in selections}, {}
-    for _ in range(args.repeats):
-        for name, selection in selections.items():
-            _memory_bank.smallest_per_row = selection
-            start = time.perf_counter()
-            found[name] = searcher.kneighbors(queries, 1)
-            times[name].append(time.perf_counter() - start)
-    _memory_bank.smallest_per_row = selections["spans"]
-    same = all(np.array_equal(a, b) for a, b in zip(found["topk"], found["spans"]))
+    best, found = alternating(
+        args.repeats,
+        {
+            "topk": _with_setting(
+                _memory_bank, "smallest_per_row", topk_per_row, search
+            ),
+            "spans": search,
+        },
+    )
     rows.append(
         (
             "same search, candidates selected",
             "torch.topk",
             "span minima first",
-            min(times["topk"]),
-            min(times["spans"]),
-            "yes" if same else "NO",
+            best["topk"],
+            best["spans"],
+            _same_neighbours(found["topk"], found["spans"]),
+        )
+    )
+    best, found = alternating(
+        args.repeats,
+        {
+            "2048": _with_setting(_memory_bank, "_QUERY_TILE", 2048, search),
+            "1024": _with_setting(_memory_bank, "_QUERY_TILE", 1024, search),
+        },
+    )
+    rows.append(
+        (
+            "same search, queries per ranking tile",
+            "2,048",
+            "1,024",
+            best["2048"],
+            best["1024"],
+            _same_neighbours(found["2048"], found["1024"]),
         )
     )
 
@@ -372,45 +448,91 @@ def prediction_table(args):
     images = np.random.default_rng(args.seed).random((SCORE_BATCH, 224, 224, 3))
     images = images.astype(np.float32)
     folded, loaded = extractor._network, extractor.model_
-    times, found = {"loaded": [], "folded": []}, {}
-    for _ in range(args.repeats):
-        for name, network in (("loaded", loaded), ("folded", folded)):
-            extractor._network = network
-            start = time.perf_counter()
-            found[name] = extractor.transform(images)
-            times[name].append(time.perf_counter() - start)
+
+    def features(network):
+        return _with_setting(
+            extractor, "_network", network, lambda: extractor.transform(images)
+        )
+
+    best, found = alternating(
+        args.repeats, {"loaded": features(loaded), "folded": features(folded)}
+    )
     scale = np.abs(found["loaded"]).max()
-    close = np.abs(found["folded"] - found["loaded"]).max() / scale
+
+    def agreement(before, after):
+        if np.array_equal(before, after):
+            return "identical"
+        return f"within {np.abs(before - after).max() / scale:.1e} of the largest"
+
     rows.append(
         (
             f"Lite0 features, {SCORE_BATCH} images of 224 x 224",
             "batch norms as loaded",
             "batch norms folded",
-            min(times["loaded"]),
-            min(times["folded"]),
-            f"within {close:.1e} of the largest",
+            best["loaded"],
+            best["folded"],
+            agreement(found["loaded"], found["folded"]),
         )
     )
-
-    networks = {"padded": with_padded_inputs(folded), "shifted": folded}
-    times, found = {name: [] for name in networks}, {}
-    for _ in range(args.repeats):
-        for name, network in networks.items():
-            extractor._network = network
-            start = time.perf_counter()
-            found[name] = extractor.transform(images)
-            times[name].append(time.perf_counter() - start)
-    extractor._network = folded
-    same = np.array_equal(found["padded"], found["shifted"])
-    difference = np.abs(found["padded"] - found["shifted"]).max() / scale
+    best, found = alternating(
+        args.repeats,
+        {"padded": features(with_padded_inputs(folded)), "shifted": features(folded)},
+    )
     rows.append(
         (
             "same, stride-2 layers",
             "input padded",
             "kernel shifted",
-            min(times["padded"]),
-            min(times["shifted"]),
-            "identical" if same else f"within {difference:.1e} of the largest",
+            best["padded"],
+            best["shifted"],
+            agreement(found["padded"], found["shifted"]),
+        )
+    )
+    whole_batch = 224 * 224 * SCORE_BATCH
+    best, found = alternating(
+        args.repeats,
+        {
+            "batch": _with_setting(
+                _feature_extractor,
+                "_CPU_PIXELS_PER_PASS",
+                whole_batch,
+                features(folded),
+            ),
+            "few": features(folded),
+        },
+    )
+    per_pass = _feature_extractor._CPU_PIXELS_PER_PASS // (224 * 224)
+    rows.append(
+        (
+            "same, images per backbone pass",
+            f"{SCORE_BATCH} (the batch)",
+            f"{per_pass}",
+            best["batch"],
+            best["few"],
+            agreement(found["batch"], found["few"]),
+        )
+    )
+
+    distances = searcher.kneighbors(queries, 1)[0]
+    grids = np.ascontiguousarray(distances.reshape(SCORE_BATCH, 28, 28))
+    sigma = 4.0
+    best, found = alternating(
+        args.repeats,
+        {
+            "filtered": lambda: filtered_maps(grids, 224, sigma),
+            "operators": lambda: _anomaly_maps.model_input_maps(grids, 224, sigma),
+        },
+    )
+    largest = np.abs(found["filtered"]).max()
+    difference = np.abs(found["filtered"] - found["operators"]).max() / largest
+    rows.append(
+        (
+            f"anomaly maps, {SCORE_BATCH} grids of 28 x 28 to 224 x 224",
+            "upsampled, then filtered map by map",
+            "one operator per axis",
+            best["filtered"],
+            best["operators"],
+            f"within {difference:.1e} of the largest",
         )
     )
     print(f"\n### Prediction stages on the CPU (best of {args.repeats})\n")

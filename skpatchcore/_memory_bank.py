@@ -19,12 +19,14 @@ _RERANK_MARGIN = 8
 # and benchmarks compare the two).
 _INT8_RANKING = True
 
-# Queries and bank rows per tile of the float32 product. A tile of 2,048 x
-# 4,096 entries (32 MiB) stays near the caches: on 784 queries against a
-# 784,000 x 152 bank, the product ran at 70-85 GFLOPS in such tiles against
-# 33-35 in one pass over the whole bank. Memory stays bounded whatever the
-# number of queries or the bank size.
-_QUERY_TILE = 2048
+# Queries and bank rows per tile of the ranking product. Tiles of 1,024 x
+# 4,096 keys (16 MiB) stay near the caches: on 4,096 queries against 8,192
+# bank rows, one thread, the int8 product and selection took 60 ms in such
+# tiles, against 128 ms in tiles of 2,048 x 4,096 (32 MiB, which the
+# allocator also hands back to the system after each tile), and the float32
+# ones 165 ms against 208 ms. Memory stays bounded whatever the number of
+# queries or the bank size.
+_QUERY_TILE = 1024
 _BANK_TILE = 4096
 
 # Search breadth of pynndescent queries (its default is 0.1). On 200,000

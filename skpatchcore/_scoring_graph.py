@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
+from ._anomaly_maps import axis_operator
 from ._feature_extractor import channel_projection
 from ._memory_bank import _RERANK_MARGIN
 
@@ -38,27 +39,6 @@ def _input_shape(image_size):
     if isinstance(image_size, (tuple, list)):
         return tuple(int(side) for side in image_size)
     return int(image_size), int(image_size)
-
-
-def _gaussian_kernel(sigma):
-    """SciPy's ``gaussian_filter`` weights for ``truncate=4``, as float32."""
-    radius = int(4.0 * sigma + 0.5)
-    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
-    weights = np.exp(-0.5 * offsets**2 / sigma**2)
-    return torch.from_numpy((weights / weights.sum()).astype(np.float32)), radius
-
-
-def _symmetric_indices(length, radius):
-    """Source index of each position of a side padded by ``radius`` on both ends.
-
-    Mirrored about the border with the edge value repeated (``d c b a | a b
-    c d``), SciPy's ``mode="reflect"``; torch's own ``"reflect"`` padding
-    leaves out the edge value and so differs. Computed once here, the
-    padding is a plain gather in the graph, valid for any ``radius``.
-    """
-    positions = np.arange(-radius, length + radius) % (2 * length)
-    mirrored = np.where(positions < length, positions, 2 * length - 1 - positions)
-    return torch.from_numpy(mirrored)
 
 
 def _keep_output(outputs, layer, module, args, output):
@@ -120,13 +100,13 @@ class ScoringGraph(nn.Module):
         bank = torch.from_numpy(np.array(bank, dtype=np.float32))
         self.register_buffer("bank", bank)
         self.register_buffer("bank_norms", (bank * bank).sum(dim=1))
-        self.sigma = float(detector.sigma)
-        if self.sigma > 0:
-            kernel, radius = _gaussian_kernel(self.sigma)
-            height, width = self.input_shape
-            self.register_buffer("kernel", kernel)
-            self.register_buffer("row_index", _symmetric_indices(height, radius))
-            self.register_buffer("column_index", _symmetric_indices(width, radius))
+        sigma = float(detector.sigma)
+        for name, grid_length, input_length in zip(
+            ("rows", "columns"), self.grid_shape, self.input_shape
+        ):
+            self.register_buffer(
+                name, axis_operator(grid_length, input_length, sigma).clone()
+            )
 
     def patch_features(self, images):
         """Patch features as :class:`PatchFeatureExtractor` computes them.
@@ -274,16 +254,8 @@ class ScoringGraph(nn.Module):
         maps : torch.Tensor of shape (n_images, height, width)
             As ``model_input_maps`` computes them.
         """
-        grid = distances.reshape(-1, 1, *self.grid_shape)
-        maps = F.interpolate(
-            grid, size=self.input_shape, mode="bilinear", align_corners=False
-        )
-        if self.sigma > 0:
-            maps = maps.index_select(3, self.column_index)
-            maps = F.conv2d(maps, self.kernel.view(1, 1, 1, -1))
-            maps = maps.index_select(2, self.row_index)
-            maps = F.conv2d(maps, self.kernel.view(1, 1, -1, 1))
-        return maps.squeeze(1)
+        grids = distances.reshape(-1, *self.grid_shape)
+        return torch.matmul(torch.matmul(self.rows, grids), self.columns.T)
 
     def forward(self, images):
         """Score images and map their anomalies.

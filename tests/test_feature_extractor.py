@@ -508,3 +508,23 @@ def test_bfloat16_backbone_pass(monkeypatch):
     scale = np.abs(expected).max()
     assert np.abs(found - expected).max() < 0.05 * scale
     assert np.corrcoef(found.ravel(), expected.ravel())[0, 1] > 0.99
+
+
+def test_cpu_backbone_passes_are_capped_whatever_the_batch_size(monkeypatch):
+    # Large batches are cut into passes of a few images; the features equal
+    # those of one image at a time and come back in the input order.
+    monkeypatch.setattr(_feature_extractor, "_CPU_PIXELS_PER_PASS", 4 * 16 * 16 + 1)
+    seen = []
+    network = TwoLayers()
+    network.a.register_forward_hook(lambda module, args, out: seen.append(len(out)))
+    images = np.random.default_rng(0).random((11, 16, 16, 3)).astype(np.float32)
+    extractor = PatchFeatureExtractor(
+        network, layers=("a", "b"), image_size=16, resize=None, batch_size=11
+    ).fit()
+    seen.clear()
+    features = extractor.transform(images)
+    assert max(seen) == 4 and sum(seen) == len(images)
+    singles = np.concatenate(
+        [extractor.set_params(batch_size=1).transform(image[None]) for image in images]
+    )
+    np.testing.assert_allclose(features, singles, rtol=1e-6, atol=1e-7)

@@ -83,6 +83,39 @@ def test_gaussian_smoothing_by_hand():
     assert row in (11, 12) and col in (19, 20)
 
 
+@pytest.mark.parametrize(
+    "grid_shape, input_shape, sigma",
+    [
+        ((28, 28), (224, 224), 4.0),
+        ((7, 13), (30, 61), 4.0),
+        ((5, 3), (9, 7), 4.0),
+        ((4, 4), (8, 8), 10.0),
+        ((28, 70), (224, 560), 0.0),
+    ],
+)
+def test_maps_by_operators_match_upsampling_then_filtering(
+    grid_shape, input_shape, sigma
+):
+    # The maps come from one matrix per axis; the reference upsamples and
+    # filters each map, also where the kernel is wider than the map.
+    from scipy.ndimage import gaussian_filter
+
+    grids = np.random.default_rng(0).random((3, *grid_shape)).astype(np.float32)
+    reference = torch.nn.functional.interpolate(
+        torch.from_numpy(grids)[:, None],
+        size=input_shape,
+        mode="bilinear",
+        align_corners=False,
+    )[:, 0].numpy()
+    if sigma > 0:
+        reference = np.stack(
+            [gaussian_filter(m, sigma, mode="reflect", truncate=4.0) for m in reference]
+        )
+    maps = model_input_maps(grids, input_shape, sigma)
+    assert maps.shape == reference.shape and maps.dtype == np.float32
+    np.testing.assert_allclose(maps, reference, rtol=1e-5, atol=1e-6)
+
+
 def test_loading_conversions(tmp_path):
     gray = np.arange(12, dtype=np.uint8).reshape(3, 4)
     loaded = load_image(gray)
