@@ -123,6 +123,19 @@ def parse_args(argv=None):
         help="model input of each image, at the backbone's native size: "
         + "; ".join(f"{name}: {text}" for name, text in GEOMETRIES.items()),
     )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        help="input size of every backbone instead of its native one: the "
+        "crop's side (resize in the native proportion), the square's side or "
+        "the shorter side",
+    )
+    parser.add_argument(
+        "--layers",
+        type=lambda text: tuple(name for name in text.split(",") if name),
+        help="comma-separated layers to tap instead of the backbone's default "
+        "(one backbone only)",
+    )
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
     parser.add_argument("--num-neighbors", type=int, default=9)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -154,6 +167,10 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 < args.coreset_ratio <= 1:
         parser.error("--coreset-ratio must be in (0, 1]")
+    if args.layers and args.backbone == ENSEMBLE:
+        parser.error("--layers names the layers of one backbone, not of an ensemble")
+    if args.image_size is not None and args.image_size < 1:
+        parser.error("--image-size must be at least 1")
     return args
 
 
@@ -238,9 +255,18 @@ def _peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def input_settings(backbone, geometry):
-    """``image_size`` and ``resize`` of a backbone's native size in ``geometry``."""
-    image_size, resize = NATIVE_SIZES[backbone]
+def input_settings(backbone, geometry, image_size=None):
+    """``image_size`` and ``resize`` of a backbone in ``geometry``.
+
+    At the backbone's native size, or at ``image_size`` (the crop's side,
+    the square's side or the shorter side) with the crop's resize in the
+    native proportion.
+    """
+    native_size, resize = NATIVE_SIZES[backbone]
+    if image_size is None:
+        image_size = native_size
+    else:
+        resize = round(resize * image_size / native_size)
     if geometry == "squash":
         resize = None
     elif geometry == "keep_aspect":
@@ -255,7 +281,8 @@ def make_detector(args):
     def detector(backbone):
         return PatchCoreDetector(
             backbone=backbone,
-            **input_settings(backbone, args.geometry),
+            **input_settings(backbone, args.geometry, args.image_size),
+            layers=args.layers,
             coreset_ratio=args.coreset_ratio,
             n_reweight_neighbors=args.num_neighbors,
             batch_size=args.batch_size,
@@ -313,12 +340,13 @@ def _fit_predict_anomalib(train, test, args):
     from skpatchcore._images import input_geometry
 
     start = time.perf_counter()
-    settings = input_settings(args.backbone, args.geometry)
+    settings = input_settings(args.backbone, args.geometry, args.image_size)
     if args.geometry == "keep_aspect":
         # Input sides rounded to the backbone's grid stride, as skpatchcore
         # rounds them, so that both see the same tensors.
         settings["size_multiple"] = _size_multiple(args.backbone, settings)
     module, layers, mean, std = load_backbone(args.backbone)
+    layers = args.layers or layers
     model = fit_anomalib_patchcore(
         train,
         backbone_module=module,
@@ -434,6 +462,10 @@ def _worker_command(python, dataset, method, out, args):
         "--repeat",
         str(args.repeat),
     ]
+    if args.image_size is not None:
+        command += ["--image-size", str(args.image_size)]
+    if args.layers:
+        command += ["--layers", ",".join(args.layers)]
     if args.folder_subset:
         command.append("--folder-subset")
     return command
@@ -529,12 +561,12 @@ def markdown_table(headers, cell_rows):
     return "\n".join(lines)
 
 
-def model_note(backbone, geometry):
+def model_note(backbone, geometry, image_size=None, layers=None):
     """The backbone and input geometry, as the settings line gives them."""
     names = NATIVE_SIZES if backbone == ENSEMBLE else [backbone]
     sizes = []
     for name in names:
-        settings = input_settings(name, geometry)
+        settings = input_settings(name, geometry, image_size)
         if settings["resize"] is None:
             sizes.append(f"{name} squashed to {settings['image_size']} px")
         elif geometry == "keep_aspect":
@@ -544,13 +576,15 @@ def model_note(backbone, geometry):
                 f"{name} resize {settings['resize']}, crop {settings['image_size']}"
             )
     kind = "ensemble of " if backbone == ENSEMBLE else ""
-    return f"{kind}{'; '.join(sizes)} ({geometry}), ImageNet weights"
+    tapped = f", layers {'+'.join(layers)}" if layers else ""
+    return f"{kind}{'; '.join(sizes)} ({geometry}){tapped}, ImageNet weights"
 
 
 def run_settings(args):
     """The settings line of a run of ``args``."""
     return (
-        f"{model_note(args.backbone, args.geometry)}, coreset_ratio "
+        f"{model_note(args.backbone, args.geometry, args.image_size, args.layers)}"
+        f", coreset_ratio "
         f"{args.coreset_ratio}, {args.num_neighbors} re-weighting neighbours, "
         f"batch size {args.batch_size}, seed {args.seed}, CPU, median of "
         f"{args.repeat} prediction passes"
