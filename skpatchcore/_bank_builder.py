@@ -76,7 +76,7 @@ class BankBuilder:
         Chunks selected in parallel, through joblib.
 
     batch_size : int
-        Images per forward pass of the backbone.
+        Images read and transformed together.
 
     random_state : numpy.random.RandomState
         Draws, in this order, the shuffle of images among chunks (only with

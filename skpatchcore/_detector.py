@@ -6,9 +6,8 @@ import math
 import numbers
 
 import numpy as np
-from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
+from sklearn.base import BaseEstimator, _fit_context
 from sklearn.utils import check_random_state
-from sklearn.utils._available_if import available_if
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 
@@ -17,6 +16,7 @@ from ._bank_builder import BankBuilder
 from ._feature_extractor import PatchFeatureExtractor
 from ._images import check_images
 from ._memory_bank import MemoryBank
+from ._novelty_decisions import NoveltyDecisionsMixin
 from ._persistence import index_state, portable, restore, restore_index
 from ._progress import progress_bar
 from ._scoring import reweighted_scores
@@ -95,14 +95,7 @@ def _upper_whisker(values):
     return values[values <= q3 + 1.5 * (q3 - q1)].max()
 
 
-def _novelty_only(detector):
-    raise AttributeError(
-        "fit_predict is not available: PatchCoreDetector is a novelty detector. "
-        "Fit it on good images, then call predict on new images."
-    )
-
-
-class PatchCoreDetector(OutlierMixin, BaseEstimator):
+class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
     """PatchCore anomaly detection and localisation for images.
 
     Fitted on good (nominal) images only. Every image is cut into locally
@@ -269,10 +262,13 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         CUDA when it is available. The device actually used is ``device_``.
 
     batch_size : int, default=16
-        Images per forward pass. Results depend on it through float32
-        rounding only: the backbone's convolutions choose their algorithm by
-        batch size, which moves features in their last bits, and scores
-        agree to a relative 1e-5 between batch sizes.
+        Images loaded, and scored, together. On a GPU a batch is one
+        backbone pass; on the CPU the backbone sees about 100,000 input
+        pixels at a time (two 224 x 224 images), which keeps its
+        activations in the caches. Results depend on it through float32
+        rounding only: the backbone's convolutions may choose their
+        algorithm by the images in a pass, which moves features in their
+        last bits, and scores agree to a relative 1e-5 between batch sizes.
 
     n_jobs : int, default=None
         Chunks of the partitioned coreset selected in parallel, through
@@ -882,54 +878,6 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         """
         return -np.concatenate([scores for scores, _, _ in self._iter_scores(X)])
 
-    def decision_function(self, X):
-        """Shifted normality: negative for outliers, non-negative for inliers.
-
-        Parameters
-        ----------
-        X : array-like or list of images
-            Images in any form accepted by :meth:`fit`.
-
-        Returns
-        -------
-        scores : ndarray of shape (n_images,)
-            ``score_samples(X) - offset_``.
-        """
-        return self.score_samples(X) - self.offset_
-
-    def predict(self, X):
-        """Label each image +1 (normal) or -1 (anomalous).
-
-        Parameters
-        ----------
-        X : array-like or list of images
-            Images in any form accepted by :meth:`fit`.
-
-        Returns
-        -------
-        labels : ndarray of shape (n_images,)
-            +1 where ``decision_function(X) >= 0``, else -1.
-        """
-        return np.where(self.decision_function(X) >= 0, 1, -1)
-
-    @available_if(_novelty_only)
-    def fit_predict(self, X, y=None):
-        """Not available: fit on good images, then predict new ones.
-
-        PatchCore is a novelty detector, like
-        ``LocalOutlierFactor(novelty=True)``: its threshold is set for images
-        it has not seen, so labelling its own training images has no meaning.
-        Accessing this method raises an AttributeError.
-
-        Parameters
-        ----------
-        X : array-like or list of images
-            Unused.
-
-        y : None
-            Ignored. Not used, present for API consistency by convention.
-        """
-
     def anomaly_maps(self, X, *, return_score_samples=False):
         """Per-pixel anomaly map of each image, at the image's own resolution.
 
@@ -963,21 +911,6 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         if return_score_samples:
             return maps, -np.concatenate(scores)
         return maps
-
-    def predict_masks(self, X):
-        """Mark the pixels whose anomaly-map value exceeds ``pixel_threshold_``.
-
-        Parameters
-        ----------
-        X : array-like or list of images
-            Images in any form accepted by :meth:`fit`.
-
-        Returns
-        -------
-        masks : list of ndarray of shape (height, width)
-            Boolean masks, one per image, True where anomalous.
-        """
-        return [m > self.pixel_threshold_ for m in self.anomaly_maps(X)]
 
     def __getstate__(self):
         # Plain data only (no torch object, no compiled function), so that

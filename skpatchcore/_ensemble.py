@@ -4,9 +4,8 @@ import functools
 import numbers
 
 import numpy as np
-from sklearn.base import BaseEstimator, OutlierMixin, _fit_context, clone
+from sklearn.base import BaseEstimator, _fit_context, clone
 from sklearn.utils import check_random_state
-from sklearn.utils._available_if import available_if
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.metaestimators import _BaseComposition
 from sklearn.utils.validation import check_is_fitted
@@ -20,6 +19,7 @@ from ._detector import (
     _upper_whisker,
 )
 from ._images import LazyImage, check_images
+from ._novelty_decisions import NoveltyDecisionsMixin
 from ._persistence import portable, restore
 
 
@@ -49,14 +49,7 @@ def _reusable(sources):
     ]
 
 
-def _novelty_only(ensemble):
-    raise AttributeError(
-        "fit_predict is not available: PatchCoreEnsemble is a novelty detector. "
-        "Fit it on good images, then call predict on new images."
-    )
-
-
-class PatchCoreEnsemble(OutlierMixin, _BaseComposition):
+class PatchCoreEnsemble(NoveltyDecisionsMixin, _BaseComposition):
     """Several PatchCore detectors, each with its own memory bank, as one.
 
     Every detector (for instance one per backbone, or per set of layers) is
@@ -477,53 +470,6 @@ class PatchCoreEnsemble(OutlierMixin, _BaseComposition):
             scores = scores + self._standardised_scores(k, member_scores)
         return scores / len(self.detectors_)
 
-    def decision_function(self, X):
-        """Shifted normality: negative for outliers, non-negative for inliers.
-
-        Parameters
-        ----------
-        X : array-like or list of images
-            Images in any form accepted by :meth:`fit`.
-
-        Returns
-        -------
-        scores : ndarray of shape (n_images,)
-            ``score_samples(X) - offset_``.
-        """
-        return self.score_samples(X) - self.offset_
-
-    def predict(self, X):
-        """Label each image +1 (normal) or -1 (anomalous).
-
-        Parameters
-        ----------
-        X : array-like or list of images
-            Images in any form accepted by :meth:`fit`.
-
-        Returns
-        -------
-        labels : ndarray of shape (n_images,)
-            +1 where ``decision_function(X) >= 0``, else -1.
-        """
-        return np.where(self.decision_function(X) >= 0, 1, -1)
-
-    @available_if(_novelty_only)
-    def fit_predict(self, X, y=None):
-        """Not available: fit on good images, then predict new ones.
-
-        As for :class:`PatchCoreDetector`, the thresholds are set for images
-        the ensemble has not seen. Accessing this method raises an
-        AttributeError.
-
-        Parameters
-        ----------
-        X : array-like or list of images
-            Unused.
-
-        y : None
-            Ignored. Not used, present for API consistency by convention.
-        """
-
     def anomaly_maps(self, X, *, return_score_samples=False):
         """Combined anomaly map of each image, at the image's own resolution.
 
@@ -564,21 +510,6 @@ class PatchCoreEnsemble(OutlierMixin, _BaseComposition):
         if return_score_samples:
             return maps, scores / len(self.detectors_)
         return maps
-
-    def predict_masks(self, X):
-        """Mark the pixels whose combined map value exceeds ``pixel_threshold_``.
-
-        Parameters
-        ----------
-        X : array-like or list of images
-            Images in any form accepted by :meth:`fit`.
-
-        Returns
-        -------
-        masks : list of ndarray of shape (height, width)
-            Boolean masks, one per image, True where anomalous.
-        """
-        return [m > self.pixel_threshold_ for m in self.anomaly_maps(X)]
 
     def __getstate__(self):
         # A member's backbone given as a module is stored as the members

@@ -212,7 +212,8 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         Where the backbone runs; ``"auto"`` takes CUDA when available.
 
     batch_size : int, default=16
-        Images per forward pass.
+        Images loaded and transformed together: one backbone pass on a GPU,
+        passes of about 100,000 input pixels on the CPU.
 
     verbose : int, default=0
         Print progress when positive.
@@ -651,7 +652,7 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
             Images in any form accepted by :meth:`transform`.
 
         batch_size : int, default=None
-            Images per forward pass; None takes the ``batch_size`` parameter.
+            Images per batch; None takes the ``batch_size`` parameter.
 
         Yields
         ------
