@@ -84,10 +84,10 @@ def export_onnx(detector, path):
         If ``detector`` is not fitted.
     ValueError
         If ``detector`` searches its bank approximately
-        (``nn_algorithm="pynndescent"``), takes inputs of several shapes
-        (``resize="keep_aspect"``), has parameters changed since fit, or
-        has a backbone module whose forward pass fails once the layers
-        after the last used one are removed.
+        (``nn_algorithm="ivf"`` or ``"pynndescent"``), takes inputs of
+        several shapes (``resize="keep_aspect"``), has parameters changed
+        since fit, or has a backbone module whose forward pass fails once
+        the layers after the last used one are removed.
 
     See Also
     --------
@@ -181,10 +181,10 @@ def export_torchscript(detector, path):
         If ``detector`` is not fitted.
     ValueError
         If ``detector`` searches its bank approximately
-        (``nn_algorithm="pynndescent"``), takes inputs of several shapes
-        (``resize="keep_aspect"``), has parameters changed since fit, or
-        has a backbone module whose forward pass fails once the layers
-        after the last used one are removed.
+        (``nn_algorithm="ivf"`` or ``"pynndescent"``), takes inputs of
+        several shapes (``resize="keep_aspect"``), has parameters changed
+        since fit, or has a backbone module whose forward pass fails once
+        the layers after the last used one are removed.
 
     See Also
     --------

@@ -233,9 +233,10 @@ def test_unfitted_detector_is_refused(export, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("algorithm", ["ivf", "pynndescent"])
 @pytest.mark.parametrize("export", [export_onnx, export_torchscript])
-def test_approximate_search_is_refused(export, tmp_path):
-    detector = PatchCoreDetector(nn_algorithm="pynndescent")
+def test_approximate_search_is_refused(export, algorithm, tmp_path):
+    detector = PatchCoreDetector(nn_algorithm=algorithm)
     with pytest.raises(ValueError, match="Only nn_algorithm='exact' can be exported"):
         export(detector, tmp_path / "detector")
 
