@@ -33,7 +33,7 @@ each with side-by-side timings and their ratio, measured in this one run.
   backbone as loaded (16 images; the largest feature difference), its
   stride-2 layers convolving a padded copy of their input against the
   shifted kernel of ``_SamePaddingConv2d``, and the 16 images in one pass
-  against passes of a few (``_CPU_PIXELS_PER_PASS``); anomaly maps of 16
+  against passes of a few (``_CPU_PIXELS_PER_THREAD``); anomaly maps of 16
   grids of patch distances upsampled and Gaussian-filtered map by map
   (SciPy) against one operator matrix per axis
   (:func:`~skpatchcore._anomaly_maps.model_input_maps`).
@@ -494,14 +494,15 @@ def prediction_table(args):
         {
             "batch": _with_setting(
                 _feature_extractor,
-                "_CPU_PIXELS_PER_PASS",
+                "_CPU_PIXELS_PER_THREAD",
                 whole_batch,
                 features(folded),
             ),
             "few": features(folded),
         },
     )
-    per_pass = _feature_extractor._CPU_PIXELS_PER_PASS // (224 * 224)
+    pixels = _feature_extractor._CPU_PIXELS_PER_THREAD * torch.get_num_threads()
+    per_pass = min(SCORE_BATCH, pixels // (224 * 224))
     rows.append(
         (
             "same, images per backbone pass",

@@ -264,8 +264,8 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
     batch_size : int, default=16
         Images loaded, and scored, together. On a GPU a batch is one
         backbone pass; on the CPU the backbone sees about 100,000 input
-        pixels at a time (two 224 x 224 images), which keeps its
-        activations in the caches. Results depend on it through float32
+        pixels per thread at a time (two 224 x 224 images), which keeps
+        its activations in the caches. Results depend on it through float32
         rounding only: the backbone's convolutions may choose their
         algorithm by the images in a pass, which moves features in their
         last bits, and scores agree to a relative 1e-5 between batch sizes.

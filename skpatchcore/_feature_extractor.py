@@ -42,15 +42,17 @@ from ._persistence import TensorDict, portable, restore
 # differ from the float32 ones users have fitted with.
 _BFLOAT16_DEVICES = ("cuda",)
 
-# Input pixels per backbone pass on the CPU, whatever the batch size: the
-# activations of a few images stay in the caches. One thread,
-# EfficientNet-Lite0 took 9 ms per 224 x 224 image in passes of 2 or 4
-# images against 14 in passes of 16, whose early expanded maps (77 MB) the
-# allocator maps afresh from the system on every pass; 22 ms per 224 x 560
-# image in passes of 1 or 2 against 40 in passes of 16; and at 64 x 64,
-# 0.8 ms in passes of 16 against 2.2 in passes of 1. WideResNet-50, bound
-# by arithmetic, took the same time (within 5 %) in passes of 1 to 16.
-_CPU_PIXELS_PER_PASS = 2 * 224 * 224
+# Input pixels per backbone pass on the CPU and per thread, whatever the
+# batch size: the activations of a few images stay in the caches. One
+# thread, EfficientNet-Lite0 took 9 ms per 224 x 224 image in passes of 2
+# or 4 images against 14 in passes of 16, whose early expanded maps (77 MB)
+# the allocator maps afresh from the system on every pass; two threads,
+# 4.7 ms in passes of 4, 5.4 in passes of 2 and 7.2 in passes of 16. At
+# 224 x 560, one thread, 22 ms in passes of 1 or 2 against 40 in passes of
+# 16; at 64 x 64, 0.8 ms in passes of 16 against 2.2 in passes of 1.
+# WideResNet-50, bound by arithmetic, took the same time (within 5 %) in
+# passes of 1 to 16.
+_CPU_PIXELS_PER_THREAD = 2 * 224 * 224
 
 
 def resolve_device(device):
@@ -213,7 +215,7 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
 
     batch_size : int, default=16
         Images loaded and transformed together: one backbone pass on a GPU,
-        passes of about 100,000 input pixels on the CPU.
+        passes of about 100,000 input pixels per thread on the CPU.
 
     verbose : int, default=0
         Print progress when positive.
@@ -628,7 +630,8 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         std = torch.tensor(self.std_, device=self.device_).view(1, 3, 1, 1)
         per_pass = len(batch)
         if self.device_.type == "cpu":
-            per_pass = max(1, _CPU_PIXELS_PER_PASS // math.prod(batch.shape[2:]))
+            pixels = _CPU_PIXELS_PER_THREAD * torch.get_num_threads()
+            per_pass = max(1, pixels // math.prod(batch.shape[2:]))
         with torch.inference_mode():
             batch = batch.to(self.device_, memory_format=torch.channels_last)
             batch = (batch - mean) / std

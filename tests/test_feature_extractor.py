@@ -513,7 +513,7 @@ def test_bfloat16_backbone_pass(monkeypatch):
 def test_cpu_backbone_passes_are_capped_whatever_the_batch_size(monkeypatch):
     # Large batches are cut into passes of a few images; the features equal
     # those of one image at a time and come back in the input order.
-    monkeypatch.setattr(_feature_extractor, "_CPU_PIXELS_PER_PASS", 4 * 16 * 16 + 1)
+    monkeypatch.setattr(_feature_extractor, "_CPU_PIXELS_PER_THREAD", 2 * 16 * 16 + 1)
     seen = []
     network = TwoLayers()
     network.a.register_forward_hook(lambda module, args, out: seen.append(len(out)))
@@ -523,7 +523,8 @@ def test_cpu_backbone_passes_are_capped_whatever_the_batch_size(monkeypatch):
     ).fit()
     seen.clear()
     features = extractor.transform(images)
-    assert max(seen) == 4 and sum(seen) == len(images)
+    assert max(seen) == min(2 * torch.get_num_threads(), 11)
+    assert sum(seen) == len(images)
     singles = np.concatenate(
         [extractor.set_params(batch_size=1).transform(image[None]) for image in images]
     )
