@@ -539,11 +539,15 @@ def prediction_table(args):
     print(f"\n### Prediction stages on the CPU (best of {args.repeats})\n")
     print("| stage | before | after | before ms/img | after ms/img | ratio | same |")
     print("|---|---|---|---:|---:|---:|---|")
+
+    def per_image(seconds):
+        milliseconds = 1000 * seconds / SCORE_BATCH
+        return f"{milliseconds:.2f}" if milliseconds < 1 else f"{milliseconds:.1f}"
+
     for stage, before, after, t_before, t_after, same in rows:
         print(
-            f"| {stage} | {before} | {after} | {1000 * t_before / SCORE_BATCH:.1f} "
-            f"| {1000 * t_after / SCORE_BATCH:.1f} | {t_before / t_after:.2f} "
-            f"| {same} |"
+            f"| {stage} | {before} | {after} | {per_image(t_before)} "
+            f"| {per_image(t_after)} | {t_before / t_after:.2f} | {same} |"
         )
 
 
