@@ -1,21 +1,9 @@
 """Greedy k-center coreset selection (paper §3.2, Algorithm 1), whole or by chunks."""
 
-import threading
-from contextlib import contextmanager
-
 import numpy as np
 import torch
 
-from ._memory_bank import as_tensor
-
-# torch's thread count is one setting for the whole process: selections
-# running at once in several threads (joblib's threading backend, dask
-# workers) share one "single thread" period, and the last one out restores
-# the count the first one found.
-_THREADS_LOCK = threading.Lock()
-_single_thread_users = 0
-_saved_threads = None
-
+from ._torch_utils import as_tensor, one_torch_thread
 
 def random_projection(n_features, projection_dim, random_state):
     """A Gaussian Johnson-Lindenstrauss matrix of shape (n_features, projection_dim).
@@ -116,26 +104,8 @@ def greedy_k_center(points, n_samples, start, device="cpu"):
     # threads, their synchronisation costs more than the work, and far more
     # when other processes share the cores (measured on 47,040 x 128 points
     # and two busy cores: 4.8 s with one thread, 192 s with two).
-    with _one_torch_thread():
+    with one_torch_thread():
         return _greedy_steps(points, n_samples, start)
-
-
-@contextmanager
-def _one_torch_thread():
-    """Run torch on one thread inside, and restore the thread count after."""
-    global _single_thread_users, _saved_threads
-    with _THREADS_LOCK:
-        if _single_thread_users == 0:
-            _saved_threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _single_thread_users += 1
-    try:
-        yield
-    finally:
-        with _THREADS_LOCK:
-            _single_thread_users -= 1
-            if _single_thread_users == 0:
-                torch.set_num_threads(_saved_threads)
 
 
 def _greedy_steps(points, n_samples, start):

@@ -33,6 +33,7 @@ from ._images import (
     to_model_input,
 )
 from ._persistence import TensorDict, portable, restore
+from ._torch_utils import resolve_device
 
 
 # Devices whose backbone pass runs under bfloat16 autocast: a GPU's tensor
@@ -53,40 +54,6 @@ _BFLOAT16_DEVICES = ("cuda",)
 # WideResNet-50, bound by arithmetic, took the same time (within 5 %) in
 # passes of 1 to 16.
 _CPU_PIXELS_PER_THREAD = 2 * 224 * 224
-
-
-def resolve_device(device):
-    """The torch device that ``device`` ("auto", a name or a torch.device) asks for."""
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(
-            f"device={device!r} is not a valid torch device: {exc}"
-        ) from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was asked for, but CUDA is not available.")
-    if resolved.type == "meta":
-        raise ValueError(
-            f"device={device!r} holds no data, so no image can be scored on "
-            "it; pass device='auto' or 'cpu'."
-        )
-    try:
-        torch.empty(0, device=resolved)
-    except (RuntimeError, AssertionError, ImportError) as exc:
-        # Torch is built with every device type it can name, but a device is
-        # usable only with its hardware, drivers and torch build.
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        available = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-        if torch.backends.mps.is_available():
-            available.append("mps")
-        raise ValueError(
-            f"device={device!r} is not available here ({reason}). Pass "
-            f"device='auto' (CUDA when available, else the CPU) or one of "
-            f"{available}."
-        ) from exc
-    return resolved
 
 
 def adaptive_pool_matrix(n_in, n_out):

@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from ._torch_utils import one_torch_thread
+
 # k-means is trained on this many bank entries per list, at most, for this
 # many Lloyd iterations, then every entry joins its nearest centroid's list.
 _TRAINING_PER_LIST = 64
@@ -218,16 +220,12 @@ def _search_lists(tasks, bank, bank_norms, queries, n_candidates):
 
     n_threads = torch.get_num_threads()
     if bank.device.type == "cpu" and n_threads > 1:
-        # Imported here: the coreset module imports the memory bank, which
-        # imports this one.
-        from ._coreset import _one_torch_thread
-
         # Lists in parallel, each on one thread: a list's products are
         # small, and torch's own threads spent more time waiting for each
         # other than computing on them (2,000 queries, a bank of 20,000
         # entries, two cores busy with other work: 0.5 s on one thread, 6.6
         # to 9.9 s on two).
-        with _one_torch_thread(), ThreadPoolExecutor(n_threads) as pool:
+        with one_torch_thread(), ThreadPoolExecutor(n_threads) as pool:
             found = [pool.submit(worker) for _ in range(n_threads)]
             found = [future.result() for future in found]
     else:

@@ -1,12 +1,11 @@
 """Nearest-neighbour search in the memory bank of nominal patch features."""
 
-import warnings
-
 import numpy as np
 import torch
 
 from ._int8_candidates import Int8Bank, int8_products_work
 from ._inverted_file import build_inverted_file, inverted_file_candidates
+from ._torch_utils import as_tensor
 
 # Extra candidates taken from the fast ranking pass before the exact
 # re-ranking; a true neighbour could only be missed if rounding moved it past
@@ -45,18 +44,6 @@ _SELECTION_GROUPS = 4
 
 # Upper bound on float64 difference entries in the exact re-ranking (64 MiB).
 _RERANK_ENTRIES = 1 << 23
-
-
-def as_tensor(array):
-    """A CPU tensor sharing ``array``'s memory, also when ``array`` is read-only."""
-    # Such tensors are only read, but torch warns on every read-only array,
-    # e.g. the bank of a detector loaded with joblib.load(..., mmap_mode="r"),
-    # or points that joblib hands to a worker as a read-only memory map.
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="The given NumPy array is not writable"
-        )
-        return torch.from_numpy(array)
 
 
 def smallest_per_row(keys, k):
