@@ -158,7 +158,7 @@ def coverage_radius(detector, train):
     """Largest distance of any training patch to its nearest bank feature."""
     radius = 0.0
     for features, _ in detector.feature_extractor_.iter_batches(train):
-        distances, _ = detector._searcher.kneighbors(
+        distances, _ = detector._model.search.kneighbors(
             features.reshape(-1, features.shape[-1]), 1
         )
         radius = max(radius, float(distances.max()))

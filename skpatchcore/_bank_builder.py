@@ -9,10 +9,12 @@ with the number of images, as each chunk's selection costs the same.
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from joblib import Parallel, delayed, effective_n_jobs
 
+from ._feature_batch import FeatureBatch
 from ._coreset import greedy_k_center, project, selection_projection, split_budget
 from ._progress import progress_bar
 
@@ -55,13 +57,23 @@ def plan_chunks(n_images, patches_per_image, *, method, chunk_size, random_state
     return np.array_split(random_state.permutation(n_images), n_chunks)
 
 
+class _KeptImages(NamedTuple):
+    """Where the features of the images kept for calibration are gathered."""
+
+    slots: dict
+    starts: np.ndarray
+    rows: np.ndarray
+    grid_shapes: list
+    geometries: list
+
+
 class BankBuilder:
     """Select the memory bank of a stream of training images.
 
     Parameters
     ----------
-    extractor : PatchFeatureExtractor
-        Fitted extractor of patch features.
+    features : PatchFeatures
+        The engine's feature stage.
 
     projection_dim : int or None
         Dimension of the random projection the selection runs on.
@@ -88,7 +100,7 @@ class BankBuilder:
 
     def __init__(
         self,
-        extractor,
+        features,
         *,
         projection_dim,
         method,
@@ -98,7 +110,7 @@ class BankBuilder:
         random_state,
         verbose,
     ):
-        self.extractor = extractor
+        self.features = features
         self.projection_dim = projection_dim
         self.method = method
         self.chunk_size = chunk_size
@@ -107,7 +119,7 @@ class BankBuilder:
         self.random_state = random_state
         self.verbose = verbose
 
-    def build(self, sources, n_bank, keep_images=(), patch_counts=None):
+    def build(self, sources, n_bank, patch_counts, keep_images=()):
         """The memory bank of ``sources``, and the features of ``keep_images``.
 
         Parameters
@@ -119,13 +131,12 @@ class BankBuilder:
             Bank size, at least 1; all patches are kept when they are not
             more.
 
+        patch_counts : ndarray of shape (len(sources),)
+            Patch features of each image.
+
         keep_images : array-like of int, default=()
             Images whose full patch features are also returned, e.g. to
             calibrate thresholds.
-
-        patch_counts : ndarray of shape (len(sources),), default=None
-            Patch features of each image; None when every image has the
-            extractor's ``grid_shape_``.
 
         Returns
         -------
@@ -135,22 +146,10 @@ class BankBuilder:
         bank_images : ndarray of shape (n_bank,)
             The training image each bank entry comes from.
 
-        kept_features : ndarray of shape (len(keep_images), grid_height, \
-                grid_width, n_features) or list of ndarray
-            Patch features of ``keep_images``, in their order; a list of one
-            ``(grid_height, grid_width, n_features)`` array per image when the
-            extractor's grids differ between images (``grid_shape_`` None).
-
-        Notes
-        -----
-        After the call, ``kept_geometries`` lists how each of
-        ``keep_images`` sits in its model input, to map its anomaly map
-        back onto it.
+        kept : FeatureBatch
+            Patch features of ``keep_images``, in their order.
         """
-        grid_shape = self.extractor.grid_shape_
-        if patch_counts is None:
-            patch_counts = np.full(len(sources), math.prod(grid_shape))
-        n_features = self.extractor.feature_dim_
+        n_features = self.features.feature_dim
         n_patches = int(patch_counts.sum())
         chunks = plan_chunks(
             len(sources),
@@ -167,16 +166,16 @@ class BankBuilder:
             sizes = [int(patch_counts[chunk].sum()) for chunk in chunks]
             shares = split_budget(n_bank, sizes)
             starts = [int(self.random_state.randint(size)) for size in sizes]
-        if grid_shape is None:
-            kept = [None] * len(keep_images)
-        else:
-            kept = np.empty(
-                (len(keep_images), math.prod(grid_shape), n_features),
-                dtype=np.float32,
-            )
-        self._kept, self._slots = kept, {int(i): s for s, i in enumerate(keep_images)}
-        self.kept_geometries = [None] * len(keep_images)
-        device = self.extractor.device_
+        keep_images = np.asarray(keep_images, dtype=np.int64)
+        kept_counts = patch_counts[keep_images]
+        kept = _KeptImages(
+            slots={int(i): s for s, i in enumerate(keep_images)},
+            starts=np.cumsum(kept_counts) - kept_counts,
+            rows=np.empty((int(kept_counts.sum()), n_features), dtype=np.float32),
+            grid_shapes=[None] * len(keep_images),
+            geometries=[None] * len(keep_images),
+        )
+        device = self.features.device
         # Chunks go to joblib workers on the CPU; one GPU does them in turn.
         n_parallel = 1 if device.type != "cpu" else effective_n_jobs(self.n_jobs)
         # Filled in place: joining per-chunk pieces at the end would hold
@@ -193,7 +192,7 @@ class BankBuilder:
             for first in range(0, len(chunks), n_parallel):
                 group = range(first, min(first + n_parallel, len(chunks)))
                 features = [
-                    self._extract(sources, chunks[c], patch_counts, images)
+                    self._extract(sources, chunks[c], patch_counts, images, kept)
                     for c in group
                 ]
                 if select:
@@ -213,33 +212,31 @@ class BankBuilder:
                     ]
                     filled += len(rows)
                     bar.update(len(rows))
-        if grid_shape is not None:
-            kept = kept.reshape(len(kept), *grid_shape, n_features)
+        kept = FeatureBatch(kept.rows, tuple(kept.grid_shapes), tuple(kept.geometries))
         return bank, bank_images, kept
 
-    def _extract(self, sources, images, patch_counts, bar):
-        """Full patch features of ``images`` as rows, image after image."""
-        n_features = self.extractor.feature_dim_
+    def _extract(self, sources, images, patch_counts, bar, kept):
+        """Full patch features of ``images`` as rows, image after image.
+
+        The features of the images that ``kept`` has a slot for are also
+        copied there.
+        """
+        n_features = self.features.feature_dim
         features = np.empty(
             (int(patch_counts[images].sum()), n_features), dtype=np.float32
         )
         row = 0
-        # The sources were validated once, by the caller.
-        batches = self.extractor._iter_sources(
-            [sources[i] for i in images], self.batch_size
-        )
+        batches = self.features.batches([sources[i] for i in images], self.batch_size)
         images = iter(images)
-        for batch, geometries in batches:
-            for image_features, geometry in zip(batch, geometries):
-                rows = image_features.reshape(-1, n_features)
-                slot = self._slots.get(int(next(images)))
+        for batch in batches:
+            for i in range(len(batch)):
+                rows = batch.rows[batch.starts[i] : batch.starts[i] + batch.counts[i]]
+                slot = kept.slots.get(int(next(images)))
                 if slot is not None:
-                    self.kept_geometries[slot] = geometry
-                    if isinstance(self._kept, list):
-                        # A copy, so that the rest of its batch can be freed.
-                        self._kept[slot] = np.array(image_features)
-                    else:
-                        self._kept[slot] = rows
+                    start = kept.starts[slot]
+                    kept.rows[start : start + len(rows)] = rows
+                    kept.grid_shapes[slot] = batch.grid_shapes[i]
+                    kept.geometries[slot] = batch.geometries[i]
                 features[row : row + len(rows)] = rows
                 row += len(rows)
             bar.update(len(batch))

@@ -1,7 +1,6 @@
-"""The PatchCore anomaly detector."""
+"""The PatchCore anomaly detector: the estimator over the engine."""
 
 import copy
-import itertools
 import math
 import numbers
 
@@ -9,17 +8,18 @@ import numpy as np
 from sklearn.base import BaseEstimator, _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted, column_or_1d
+from sklearn.utils.validation import check_is_fitted
 
-from ._anomaly_maps import model_input_maps, to_original_geometry
 from ._bank_builder import BankBuilder
+from ._calibration import draw_sample, held_out_values, thresholds
+from ._engine.model import PatchCoreModel
 from ._feature_extractor import PatchFeatureExtractor
 from ._images import check_images
 from ._memory_bank import MemoryBank
 from ._novelty_decisions import NoveltyDecisionsMixin
 from ._persistence import index_state, portable, restore, restore_index
 from ._progress import progress_bar
-from ._scoring import reweighted_scores
+from ._validation import check_no_bools, check_unchanged_since_fit, good_images
 
 _EXTRACTOR_PARAMS = (
     "backbone",
@@ -35,64 +35,6 @@ _EXTRACTOR_PARAMS = (
     "device",
     "batch_size",
 )
-
-# Parameters that only say how to run: changing them after fit takes effect at
-# the next call. Every other parameter defines the fitted model.
-_RUNTIME_PARAMS = ("device", "batch_size", "n_jobs", "verbose")
-
-
-def _equal(a, b):
-    """Whether two parameter values are equal, whatever their types."""
-    try:
-        return bool(a == b)
-    except (TypeError, ValueError):
-        return False
-
-
-def _good_images(sources, y):
-    """The images of ``sources`` labelled +1 in ``y``; all of them if y is None."""
-    if y is None:
-        return sources
-    y = column_or_1d(y, warn=True)
-    if len(y) != len(sources):
-        raise ValueError(
-            f"y has {len(y)} labels for the {len(sources)} images of X; one "
-            "label per image is needed."
-        )
-    if y.dtype.kind not in "iuf" or not np.isin(y, (-1, 1)).all():
-        try:
-            found = np.unique(y).tolist()
-        except TypeError:
-            found = sorted({repr(label) for label in y.tolist()})
-        shown = ", ".join(map(str, found[:10])) + (", ..." if len(found) > 10 else "")
-        hint = ""
-        if set(found) <= {0, 1}:
-            hint = (
-                " Labels coded 0/1 are refused, as 1 means good in some "
-                "conventions and anomalous in others."
-            )
-        raise ValueError(
-            "y must label each image of X +1 (good) or -1 (anomalous), as "
-            f"predict does; got the values {shown}.{hint}"
-        )
-    good = np.flatnonzero(y == 1)
-    if len(good) == 0:
-        raise ValueError(
-            "y labels every image of X -1 (anomalous): the detector is fitted "
-            "on the +1 (good) images only, and there are none."
-        )
-    return [sources[i] for i in good]
-
-
-def _upper_whisker(values):
-    """Largest of ``values`` not above Tukey's fence ``Q3 + 1.5 IQR``.
-
-    It ends the upper whisker of a box plot: the largest value once those a
-    box plot draws as outliers are set aside. Being one of ``values``, it is
-    finite when they are.
-    """
-    q1, q3 = np.quantile(values, [0.25, 0.75])
-    return values[values <= q3 + 1.5 * (q3 - q1)].max()
 
 
 class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
@@ -584,12 +526,6 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         scored against the whole new bank without their own patches.
         """
         if hasattr(self, "memory_bank_"):
-            if not hasattr(self, "calibration_indices_"):
-                raise ValueError(
-                    "This detector was saved by an earlier version of "
-                    "skpatchcore, without the state partial_fit needs; fit it "
-                    "again to update it."
-                )
             self._check_unchanged_since_fit("partial_fit")
         return self._add_images(X, y, first=not hasattr(self, "memory_bank_"))
 
@@ -598,10 +534,9 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         """:meth:`fit`, also returning the held-out maps of the calibration images.
 
         For :class:`~skpatchcore.PatchCoreEnsemble`, whose pixel threshold
-        needs the maps themselves, not only their maxima. One ``(map,
-        geometry)`` pair per entry of ``calibration_indices_``, in its order:
-        the map on the model input, and the Geometry with which
-        ``to_original_geometry`` places it on its image.
+        needs the maps themselves, not only their maxima: one map per entry
+        of ``calibration_indices_``, in its order, at the image's own
+        resolution.
         """
         maps = []
         self._add_images(X, y, first=True, calibration_maps=maps)
@@ -613,10 +548,11 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         Only the images that ``y`` labels +1 are used, all if it is None.
         Everything is computed before any fitted attribute is set, so that a
         call that fails leaves the detector as it was. A list passed as
-        ``calibration_maps`` receives the held-out model-input map of each
-        new calibration image, with its geometry.
+        ``calibration_maps`` receives the held-out map of each new
+        calibration image.
         """
-        sources = _good_images(check_images(X), y)
+        check_no_bools(self)
+        sources = good_images(check_images(X), y)
         n_new = len(sources)
         if first:
             if n_new < 2:
@@ -629,42 +565,28 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
             extractor = PatchFeatureExtractor(
                 **{name: getattr(self, name) for name in _EXTRACTOR_PARAMS}
             ).fit()
-            n_seen, earlier_bank = 0, np.empty((0, extractor.feature_dim_), np.float32)
+            n_seen, n_train_patches = 0, 0
+            earlier_bank = np.empty((0, extractor.feature_dim_), np.float32)
             earlier_scores = earlier_maxima = np.empty(0)
             earlier_indices = np.empty(0, dtype=np.int64)
         else:
             random_state = copy.deepcopy(self._random_state)
             extractor, n_seen = self.feature_extractor_, self.n_train_images_
+            n_train_patches = self._n_train_patches
             earlier_bank = self.memory_bank_
             earlier_scores = self.calibration_scores_
             earlier_maxima = self.calibration_map_maxima_
             earlier_indices = self.calibration_indices_
-        # A uniform sample of all images seen: how many of the earlier
-        # calibration images stay, then which new images join them.
-        n_sample = min(self.max_calibration_images, n_seen + n_new)
-        n_kept = 0
-        if n_seen:
-            n_drawn = random_state.hypergeometric(n_seen, n_new, n_sample)
-            n_kept = min(len(earlier_scores), int(n_drawn))
-        calibration = np.arange(n_new)
-        if n_new > n_sample - n_kept:
-            calibration = np.sort(random_state.choice(n_new, n_sample - n_kept, False))
-
-        patch_counts = extractor._patch_counts(sources)
-        if extractor.grid_shape_ is None:
-            # Grids follow each image's shape, so patches are counted.
-            n_train_patches = int(patch_counts.sum())
-            n_train_patches += self._n_train_patches if n_seen else 0
-            n_bank = math.ceil(self.coreset_ratio * n_train_patches)
-        else:
-            patches_per_image = math.prod(extractor.grid_shape_)
-            n_train_patches = (n_seen + n_new) * patches_per_image
-            n_bank = math.ceil(
-                self.coreset_ratio * (n_seen + n_new) * patches_per_image
-            )
-        n_bank = min(n_bank - len(earlier_bank), int(patch_counts.sum()))
+        calibration, n_kept = draw_sample(
+            n_seen, n_new, len(earlier_scores), self.max_calibration_images, random_state
+        )
+        features = extractor._features()
+        patch_counts = features.patch_counts(sources)
+        n_train_patches += int(patch_counts.sum())
+        n_bank = math.ceil(self.coreset_ratio * n_train_patches) - len(earlier_bank)
+        n_bank = min(n_bank, int(patch_counts.sum()))
         builder = BankBuilder(
-            extractor,
+            features,
             projection_dim=self.projection_dim,
             method=self.coreset_method,
             chunk_size=self.coreset_chunk_size,
@@ -673,36 +595,36 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
             random_state=random_state,
             verbose=self.verbose,
         )
-        bank, bank_images, calibration_features = builder.build(
-            sources, max(1, n_bank), keep_images=calibration, patch_counts=patch_counts
+        bank, bank_images, kept = builder.build(
+            sources, max(1, n_bank), patch_counts, keep_images=calibration
         )
-        searcher = MemoryBank(
+        search = MemoryBank(
             np.concatenate([earlier_bank, bank]) if n_seen else bank,
             algorithm=self.nn_algorithm,
             random_state=int(random_state.randint(np.iinfo(np.int32).max)),
-            device=extractor.device_,
+            device=features.device,
         )
+        model = PatchCoreModel(features, search, self.n_reweight_neighbors, self.sigma)
         # Earlier bank entries belong to none of the new images.
         bank_images = np.concatenate([np.full(len(earlier_bank), -1), bank_images])
-        input_maps = None if calibration_maps is None else []
-        scores, maxima, held_out = self._held_out_scores(
-            searcher,
+        scores, maxima, held_out, *maps = held_out_values(
+            model,
+            kept,
             calibration,
-            calibration_features,
             bank_images,
-            input_maps,
-            geometries=builder.kept_geometries,
+            self.batch_size,
+            self.verbose,
+            keep_maps=calibration_maps is not None,
         )
         if calibration_maps is not None:
-            geometries = itertools.compress(builder.kept_geometries, held_out)
-            calibration_maps.extend(zip(input_maps, geometries))
-        kept = slice(None)
+            calibration_maps.extend(maps[0])
+        kept_earlier = slice(None)
         if n_kept < len(earlier_scores):
-            kept = random_state.choice(len(earlier_scores), n_kept, False)
-        scores = np.concatenate([earlier_scores[kept], scores])
-        maxima = np.concatenate([earlier_maxima[kept], maxima])
+            kept_earlier = random_state.choice(len(earlier_scores), n_kept, False)
+        scores = np.concatenate([earlier_scores[kept_earlier], scores])
+        maxima = np.concatenate([earlier_maxima[kept_earlier], maxima])
         indices = n_seen + calibration[held_out]
-        indices = np.concatenate([earlier_indices[kept], indices])
+        indices = np.concatenate([earlier_indices[kept_earlier], indices])
         if len(scores) == 0:
             raise ValueError(
                 "No training image could be scored against bank entries of the "
@@ -710,158 +632,51 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
                 "memory bank comes from one image. Fit on more distinct images "
                 "or raise coreset_ratio."
             )
-        if self.contamination == "auto":
-            offset = -_upper_whisker(-scores)
-            pixel_threshold = _upper_whisker(maxima)
-        else:
-            offset = np.quantile(scores, self.contamination)
-            pixel_threshold = np.quantile(maxima, 1.0 - self.contamination)
+        offset, pixel_threshold = thresholds(scores, maxima, self.contamination)
 
         self.feature_extractor_ = extractor
-        self.device_ = extractor.device_
+        self.device_ = features.device
         self.grid_shape_ = extractor.grid_shape_
         self.n_train_images_ = n_seen + n_new
         self._n_train_patches = n_train_patches
-        self.memory_bank_ = searcher.features
-        self._searcher = searcher
+        self.memory_bank_ = search.features
+        self._model = model
         self._random_state = random_state
         self.calibration_scores_, self.calibration_map_maxima_ = scores, maxima
         self.calibration_indices_ = indices
         self.n_calibration_images_ = len(scores)
-        self.offset_ = float(offset)
-        self.pixel_threshold_ = float(pixel_threshold)
+        self.offset_ = offset
+        self.pixel_threshold_ = pixel_threshold
         self._fitted_params = self.get_params(deep=False)
         return self
-
-    def _held_out_scores(
-        self, searcher, images, features, bank_images, maps_out=None, geometries=None
-    ):
-        """``score_samples`` and largest map value of training ``images``.
-
-        Each image is scored against the bank of ``searcher`` without the
-        entries taken from it. An image whose patches only meet bank entries
-        of its own (the whole bank came from it) has no held-out score and is
-        left out; the mask of the images kept is returned too. A list passed
-        as ``maps_out`` receives their held-out model-input maps.
-        ``geometries`` says where each image's model input lies in it.
-        """
-        scores, maxima, kept_maps = [np.empty(0)], [np.empty(0)], []
-        with progress_bar(len(images), "calibration", "images", self.verbose) as bar:
-            for start in range(0, len(images), self.batch_size):
-                batch = slice(start, start + self.batch_size)
-                batch_scores, patch_scores = self._score_features(
-                    searcher, features[batch], exclude=(images[batch], bank_images)
-                )
-                maps = self._input_maps(patch_scores, geometries[batch])
-                scores.append(-batch_scores)
-                maxima.append(np.array([m.max() for m in maps]))
-                if maps_out is not None:
-                    kept_maps.extend(maps)
-                bar.update(len(batch_scores))
-        scores, maxima = np.concatenate(scores), np.concatenate(maxima)
-        held_out = np.isfinite(scores) & np.isfinite(maxima)
-        if maps_out is not None:
-            maps_out.extend(m for m, kept in zip(kept_maps, held_out) if kept)
-        return scores[held_out], maxima[held_out], held_out
-
-    def _input_maps(self, patch_scores, geometries):
-        """Anomaly maps on the model inputs of patch-score grids.
-
-        With ``resize="keep_aspect"`` each image's model input has its own
-        shape, which its geometry gives; otherwise all are ``image_size``.
-        """
-        if not isinstance(self.resize, str):
-            return model_input_maps(patch_scores, self.image_size, self.sigma)
-        return [
-            model_input_maps(
-                grid[None], (geometry.crop_height, geometry.crop_width), self.sigma
-            )[0]
-            for grid, geometry in zip(patch_scores, geometries)
-        ]
-
-    def _score_features(self, searcher, features, exclude=None):
-        """Image scores (eq. 7) and patch-score grids of patch-feature grids.
-
-        ``features`` holds one (grid_height, grid_width, n_features) grid per
-        image: an array of shape (n_images, grid_height, grid_width,
-        n_features), or a list when grids differ (keep-aspect mode). It is
-        searched in the bank of ``searcher``. With ``exclude=(images,
-        bank_images)``, the features are those of training ``images``, and
-        each is scored without the bank entries taken from it
-        (``bank_images`` says which image each entry comes from). The
-        patch-score grids come back in the form of ``features``.
-        """
-        grid_shapes = [grid.shape[:2] for grid in features]
-        counts = np.array([math.prod(shape) for shape in grid_shapes])
-        starts = np.cumsum(counts) - counts
-        if isinstance(features, np.ndarray):
-            patches = features.reshape(-1, features.shape[-1])
-        else:
-            patches = np.concatenate([g.reshape(-1, g.shape[-1]) for g in features])
-        patch_groups = support_groups = None
-        if exclude is not None:
-            images, bank_images = exclude
-            patch_groups = (np.repeat(images, counts), bank_images)
-            support_groups = (images, bank_images)
-        distances, nearest = searcher.kneighbors(patches, 1, patch_groups)
-        per_image = np.split(distances[:, 0], starts[1:])
-        worst = starts + np.array([np.argmax(d) for d in per_image])
-        support = self._support(searcher, nearest[worst, 0], support_groups)
-        scores = reweighted_scores(searcher.exact_distances(patches[worst], support))
-        # Without any bank entry left to compare with, a distance is infinite.
-        scores[np.array([np.isinf(d).any() for d in per_image])] = np.inf
-        if isinstance(features, np.ndarray):
-            return scores, np.stack(per_image).reshape(len(features), *grid_shapes[0])
-        return scores, [d.reshape(shape) for d, shape in zip(per_image, grid_shapes)]
-
-    def _support(self, searcher, centers, groups):
-        """``N_b(m*)`` of each ``m*`` in ``centers``: itself, then its neighbours."""
-        bank = searcher.features
-        n_support = min(self.n_reweight_neighbors, len(bank))
-        if n_support == 1:
-            return centers[:, None]
-        _, neighbors = searcher.kneighbors(bank[centers], n_support, groups)
-        support = np.empty_like(neighbors)
-        support[:, 0] = centers
-        for row, (center, row_neighbors) in enumerate(zip(centers, neighbors)):
-            # An exact duplicate of m* may rank before it; m* itself stays first.
-            support[row, 1:] = row_neighbors[row_neighbors != center][: n_support - 1]
-        return support
 
     def _check_unchanged_since_fit(self, action="predict"):
         """Refuse to go on with parameters that no longer describe the model."""
         fitted = getattr(self, "_fitted_params", None)
-        if fitted is None:
-            return
-        current = self.get_params(deep=False)
-        changed = [
-            name
-            for name, value in fitted.items()
-            if name not in _RUNTIME_PARAMS
-            and not (current[name] is value or _equal(current[name], value))
-        ]
-        if changed:
-            details = ", ".join(
-                f"{name}={fitted[name]!r} at fit, now {current[name]!r}"
-                for name in changed
-            )
-            raise ValueError(
-                f"Cannot {action}: parameters changed since fit ({details}). "
-                "They define the fitted model: call fit again, or set them back."
-            )
+        if fitted is not None:
+            check_unchanged_since_fit(fitted, self.get_params(deep=False), action)
 
-    def _iter_scores(self, X):
-        """Per batch: image anomaly scores, patch-score grids and geometries."""
+    def _engine(self):
+        """The fitted engine, on the device that ``device`` asks for now."""
         check_is_fitted(self)
         self._check_unchanged_since_fit()
+        extractor = self.feature_extractor_
+        if str(extractor.device) != str(self.device):
+            extractor.set_params(device=self.device)
+        features = extractor._features()
+        if self._model.search.device != features.device:
+            self._model.to(features.device)
+        self.device_ = features.device
+        return self._model
+
+    def _predict_batches(self, X):
+        """Per batch of images: the batch, anomaly scores and patch distances."""
+        model = self._engine()
         sources = check_images(X)
         with progress_bar(len(sources), "scoring", "images", self.verbose) as bar:
-            for features, geometries in self.feature_extractor_._iter_sources(
-                sources, self.batch_size
-            ):
-                scores, patch_scores = self._score_features(self._searcher, features)
-                bar.update(len(features))
-                yield scores, patch_scores, geometries
+            for batch, scores, distances in model.predict(sources, self.batch_size):
+                bar.update(len(batch))
+                yield batch, scores, distances
 
     def score_samples(self, X):
         """Normality of each image: minus the re-weighted anomaly score.
@@ -876,7 +691,9 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         scores : ndarray of shape (n_images,)
             Higher is more normal.
         """
-        return -np.concatenate([scores for scores, _, _ in self._iter_scores(X)])
+        return -np.concatenate(
+            [scores for _, scores, _ in self._predict_batches(X)] or [np.empty(0)]
+        )
 
     def anomaly_maps(self, X, *, return_score_samples=False):
         """Per-pixel anomaly map of each image, at the image's own resolution.
@@ -902,14 +719,11 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
             ``return_score_samples=True``.
         """
         maps, scores = [], []
-        for batch_scores, patch_scores, geometries in self._iter_scores(X):
-            input_maps = self._input_maps(patch_scores, geometries)
-            maps.extend(
-                to_original_geometry(m, g) for m, g in zip(input_maps, geometries)
-            )
+        for batch, batch_scores, distances in self._predict_batches(X):
+            maps.extend(self._model.image_maps(batch, distances))
             scores.append(batch_scores)
         if return_score_samples:
-            return maps, -np.concatenate(scores)
+            return maps, -np.concatenate(scores or [np.empty(0)])
         return maps
 
     def __getstate__(self):
@@ -922,36 +736,37 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
             state["_fitted_params"] = dict(
                 fitted_params, backbone=portable(fitted_params["backbone"])
             )
-        searcher = state.pop("_searcher", None)
-        if searcher is not None:
+        model = state.pop("_model", None)
+        if model is not None:
             # joblib does not share arrays between references: saving the
-            # searcher would store the memory bank twice.
-            state["_searcher"] = (searcher.random_state, index_state(searcher._index))
+            # search would store the memory bank twice.
+            search = model.search
+            state["_search"] = (search.random_state, index_state(search._index))
             # A torch.device, taken from the extractor again on loading.
             del state["device_"]
         return state
 
     def __setstate__(self, state):
-        searcher = state.pop("_searcher", None)
-        # Files of earlier versions normalise as the backbone's own.
-        state = {"normalization": None, **state}
-        # Files of earlier versions know square inputs only.
-        state = {"max_image_size": None, **state}
+        search = state.pop("_search", None)
         super().__setstate__(state)
         self.backbone = restore(self.backbone)
         if hasattr(self, "_fitted_params"):
             self._fitted_params["backbone"] = restore(self._fitted_params["backbone"])
-        if searcher is not None:
+        if search is not None:
             # The extractor falls back to the CPU when the saved device is
-            # missing here; the searches follow it.
-            self.device_ = self.feature_extractor_.device_
-            random_state, index = searcher
-            self._searcher = MemoryBank(
+            # missing here; the search follows it.
+            features = self.feature_extractor_._engine
+            self.device_ = features.device
+            random_state, index = search
+            search = MemoryBank(
                 self.memory_bank_,
                 algorithm=self.nn_algorithm,
                 random_state=random_state,
                 device=self.device_,
                 index=restore_index(index),
+            )
+            self._model = PatchCoreModel(
+                features, search, self.n_reweight_neighbors, self.sigma
             )
 
     def __sklearn_tags__(self):

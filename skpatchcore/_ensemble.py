@@ -10,17 +10,17 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.metaestimators import _BaseComposition
 from sklearn.utils.validation import check_is_fitted
 
-from ._anomaly_maps import to_original_geometry
-from ._detector import (
-    _RUNTIME_PARAMS,
-    PatchCoreDetector,
-    _equal,
-    _good_images,
-    _upper_whisker,
-)
+from ._calibration import thresholds
+from ._detector import PatchCoreDetector
 from ._images import LazyImage, check_images
 from ._novelty_decisions import NoveltyDecisionsMixin
 from ._persistence import portable, restore
+from ._validation import (
+    RUNTIME_PARAMS,
+    check_no_bools,
+    check_unchanged_since_fit,
+    good_images,
+)
 
 
 def _location_scale(values):
@@ -350,7 +350,7 @@ class PatchCoreEnsemble(NoveltyDecisionsMixin, _BaseComposition):
             The fitted ensemble.
         """
         names, templates = self._checked_detectors()
-        images = _reusable(_good_images(check_images(X), y))
+        images = _reusable(good_images(check_images(X), y))
         seed = self.random_state
         if not isinstance(seed, numbers.Integral):
             seed = int(check_random_state(seed).randint(np.iinfo(np.int32).max))
@@ -358,6 +358,7 @@ class PatchCoreEnsemble(NoveltyDecisionsMixin, _BaseComposition):
         # Every member's parameters are checked before the first one is fitted.
         for member in members:
             member._validate_params()
+            check_no_bools(member)
         held_out_maps = [m._fit_with_calibration_maps(images) for m in members]
 
         score_stats = [_location_scale(m.calibration_scores_) for m in members]
@@ -385,16 +386,11 @@ class PatchCoreEnsemble(NoveltyDecisionsMixin, _BaseComposition):
         for i in range(len(common)):
             # At the image's own resolution, where the members' maps align.
             maps = [
-                to_original_geometry(*member_maps[member_rows[i]])
+                member_maps[member_rows[i]]
                 for member_maps, member_rows in zip(held_out_maps, rows)
             ]
             maxima[i] = _combine_maps(maps, map_means, map_scales).max()
-        if self.contamination == "auto":
-            offset = -_upper_whisker(-scores)
-            pixel_threshold = _upper_whisker(maxima)
-        else:
-            offset = np.quantile(scores, self.contamination)
-            pixel_threshold = np.quantile(maxima, 1.0 - self.contamination)
+        offset, pixel_threshold = thresholds(scores, maxima, self.contamination)
 
         self.detectors_ = members
         self.named_detectors_ = dict(zip(names, members))
@@ -404,8 +400,8 @@ class PatchCoreEnsemble(NoveltyDecisionsMixin, _BaseComposition):
         self.calibration_indices_ = common
         self.calibration_scores_, self.calibration_map_maxima_ = scores, maxima
         self.n_calibration_images_ = len(common)
-        self.offset_ = float(offset)
-        self.pixel_threshold_ = float(pixel_threshold)
+        self.offset_ = offset
+        self.pixel_threshold_ = pixel_threshold
         self._fitted_params = self._model_params()
         return self
 
@@ -418,27 +414,14 @@ class PatchCoreEnsemble(NoveltyDecisionsMixin, _BaseComposition):
         params = {}
         for key, value in self.get_params(deep=True).items():
             member, _, name = key.rpartition("__")
-            ignored = name in _RUNTIME_PARAMS or (member and name == "random_state")
+            ignored = name in RUNTIME_PARAMS or (member and name == "random_state")
             if not (ignored or key == "detectors" or isinstance(value, BaseEstimator)):
                 params[key] = value
         return params
 
     def _check_unchanged_since_fit(self):
         """Refuse to predict with parameters that no longer describe the model."""
-        fitted, current = self._fitted_params, self._model_params()
-        changed = [
-            f"{key}={fitted.get(key, '<absent>')!r} at fit, now "
-            f"{current.get(key, '<absent>')!r}"
-            for key in sorted(fitted.keys() | current.keys())
-            if key not in fitted
-            or key not in current
-            or not (current[key] is fitted[key] or _equal(current[key], fitted[key]))
-        ]
-        if changed:
-            raise ValueError(
-                f"Cannot predict: parameters changed since fit ({', '.join(changed)})."
-                " They define the fitted model: call fit again, or set them back."
-            )
+        check_unchanged_since_fit(self._fitted_params, self._model_params())
 
     def _members_images(self, X):
         """``X`` as a list for every fitted member, once the ensemble is checked."""

@@ -1,13 +1,11 @@
-"""Locally aware patch features from a pretrained backbone (paper §3.1)."""
+"""The patch-feature estimator: parameters, validation and persistence (paper §3.1)."""
 
-import math
 import numbers
 import os
 import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import (
     Interval,
@@ -23,75 +21,14 @@ from ._backbones import (
     describe_layers,
     load_backbone,
 )
-from ._batch_norm_folding import fold_batch_norms
-from ._images import (
-    check_images,
-    image_size_pair,
-    input_geometry,
-    load_image,
-    source_shape,
-    to_model_input,
-)
+from ._features.patch_features import PatchFeatures
+from ._images import check_images
 from ._persistence import TensorDict, portable, restore
 from ._torch_utils import resolve_device
 
-
-# Devices whose backbone pass runs under bfloat16 autocast: a GPU's tensor
-# cores run it several times faster than float32. The maps are float32 again
-# before aggregation, so the bank and every distance stay float32. Not the
-# CPU, where bfloat16 convolutions gained nothing here and features would
-# differ from the float32 ones users have fitted with.
-_BFLOAT16_DEVICES = ("cuda",)
-
-# Input pixels per backbone pass on the CPU and per thread, whatever the
-# batch size: the activations of a few images stay in the caches. One
-# thread, EfficientNet-Lite0 took 9 ms per 224 x 224 image in passes of 2
-# or 4 images against 14 in passes of 16, whose early expanded maps (77 MB)
-# the allocator maps afresh from the system on every pass; two threads,
-# 4.7 ms in passes of 4, 5.4 in passes of 2 and 7.2 in passes of 16. At
-# 224 x 560, one thread, 22 ms in passes of 1 or 2 against 40 in passes of
-# 16; at 64 x 64, 0.8 ms in passes of 16 against 2.2 in passes of 1.
-# WideResNet-50, bound by arithmetic, took the same time (within 5 %) in
-# passes of 1 to 16.
-_CPU_PIXELS_PER_THREAD = 2 * 224 * 224
-
-
-def adaptive_pool_matrix(n_in, n_out):
-    """Matrix of 1-D adaptive average pooling from ``n_in`` to ``n_out`` values.
-
-    Row ``i`` averages inputs ``floor(i n_in / n_out)`` to
-    ``ceil((i + 1) n_in / n_out) - 1``, which is what
-    ``torch.nn.functional.adaptive_avg_pool1d`` computes; as a matrix it can be
-    folded with the other linear steps into a single channel projection.
-    """
-    matrix = np.zeros((n_out, n_in), dtype=np.float64)
-    for i in range(n_out):
-        start = (i * n_in) // n_out
-        stop = -((-(i + 1) * n_in) // n_out)
-        matrix[i, start:stop] = 1.0 / (stop - start)
-    return matrix
-
-
-def channel_projection(layer_channels, feature_dim):
-    """The linear map from the layers' stacked channels to patch features.
-
-    When the layers have at most ``feature_dim`` channels in all, they are
-    kept as they are (None: no projection), since pooling could only repeat
-    them. Otherwise each layer is adaptively average-pooled over its channels
-    to ``feature_dim`` values, the layers are concatenated, and the
-    concatenation is pooled to ``feature_dim`` again; all three steps are
-    linear, so they fold into one ``(feature_dim, sum(layer_channels))``
-    matrix.
-    """
-    if sum(layer_channels) <= feature_dim:
-        return None
-    per_layer = [adaptive_pool_matrix(c, feature_dim) for c in layer_channels]
-    merge = adaptive_pool_matrix(feature_dim * len(layer_channels), feature_dim)
-    blocks = [
-        merge[:, i * feature_dim : (i + 1) * feature_dim] @ pool
-        for i, pool in enumerate(per_layer)
-    ]
-    return np.concatenate(blocks, axis=1).astype(np.float32)
+# What the engine learnt at fit and a saved extractor keeps, so that loading
+# needs no probing pass.
+_GRID_FACTS = ("layer_channels_", "grid_shape_", "size_multiple_", "_grid_growth")
 
 
 class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
@@ -344,7 +281,16 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         self.layers_ = check_layers(module, layers)
         self.mean_, self.std_ = normalization or (tuple(mean), tuple(std))
         self.device_ = resolve_device(self.device)
-        self._probe_grid(module)
+        self._fitted_device = str(self.device)
+        try:
+            network = build_feature_network(module, self.layers_, self.image_size)
+            engine = self._build_engine(network).probe()
+        except RuntimeError as exc:
+            raise ValueError(
+                f"image_size={self.image_size} is too small for the backbone's "
+                f"layers {self.layers_}."
+            ) from exc
+        self._set_engine(engine)
         return self
 
     def _check_input_size(self):
@@ -395,114 +341,44 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
                     f"image_size={image_size}."
                 )
 
-    def _set_network(self, network):
-        # Channels-last convolutions (oneDNN on CPU, cuDNN on GPU): a
-        # Lite0 pass of 16 images at 224 px took 55 instead of 95 ms per
-        # image on two busy CPU cores; features differ in the last float32
-        # bits only.
-        self.model_ = network.to(self.device_, memory_format=torch.channels_last)
-        self.model_.eval()
-        # Features are computed by a copy with batch norms folded into the
-        # convolutions; ``model_`` keeps the backbone's own parameters, which
-        # is what a saved extractor stores and loads.
-        probe = torch.rand(
-            1,
-            3,
-            *image_size_pair(self.image_size),
-            generator=torch.Generator().manual_seed(0),
-        ).to(self.device_, memory_format=torch.channels_last)
-        self._network = fold_batch_norms(
-            self.model_, probe, [f"backbone.{name}" for name in self.layers_]
-        )
-
-    def _probe_grid(self, module):
-        """Tap the backbone, then learn the layer shapes from one blank image."""
-        too_small = ValueError(
-            f"image_size={self.image_size} is too small for the backbone's "
-            f"layers {self.layers_}."
-        )
-        blank = torch.zeros(1, 3, *image_size_pair(self.image_size))
-        try:
-            network = build_feature_network(module, self.layers_, self.image_size)
-            self._set_network(network)
-            with torch.inference_mode():
-                maps = self._layer_maps(blank.to(self.device_))
-        except RuntimeError as exc:
-            raise too_small from exc
-        if min(min(m.shape[2:]) for m in maps) < 1:
-            raise too_small
-        self.layer_channels_ = tuple(int(m.shape[1]) for m in maps)
-        self._set_projection()
-        pooled = self._aggregate(maps)
-        self.grid_shape_ = tuple(int(s) for s in pooled.shape[2:])
-        self.feature_dim_ = int(pooled.shape[1])
-        self.size_multiple_ = None
-        if isinstance(self.resize, str):
-            self._probe_growth()
-            self.grid_shape_ = None
-
-    def _probe_growth(self):
-        """Learn how the patch grids grow with the input (keep-aspect mode).
-
-        One blank image ``side`` pixels high and ``2 * side`` wide, ``side`` a
-        power of two, gives each layer's patch grid at both lengths: if
-        ``side`` more pixels add ``n`` grid positions, the layer's grid
-        stride is ``side / n``. The first layer's grid, which the features
-        follow, grows linearly between such lengths.
-        """
-        side = 1 << max(6, (int(self.image_size) - 1).bit_length())
-        blank = torch.zeros(1, 3, side, 2 * side, device=self.device_)
-        try:
-            with torch.inference_mode():
-                grids = [self._pool(m).shape[2:] for m in self._layer_maps(blank)]
-        except RuntimeError as exc:
-            raise ValueError(
-                f"resize='keep_aspect' runs a blank {side} x {2 * side} image "
-                "through the backbone to learn its strides, and the backbone "
-                f"cannot take it: {str(exc).splitlines()[0]}"
-            ) from exc
-        # A layer whose grid does not grow (adaptive pooling) sets no stride.
-        strides = [side / (long - short) for short, long in grids if long > short]
-        self.size_multiple_ = max(1, round(max(strides, default=1)))
-        short, long = grids[0]
-        self._grid_growth = (side, int(short), int(long))
-
-    def _input_settings(self):
-        """Keywords of ``input_geometry`` besides ``image_size`` and ``resize``."""
-        return dict(
-            size_multiple=self.size_multiple_ or 1,
+    def _build_engine(self, network):
+        return PatchFeatures(
+            network,
+            self.layers_,
+            self.mean_,
+            self.std_,
+            patch_size=self.patch_size,
+            patch_stride=self.patch_stride,
+            feature_dim=self.feature_dim,
+            image_size=self.image_size,
+            resize=self.resize,
             max_image_size=self.max_image_size,
+            device=self.device_,
         )
 
-    def _input_grid(self, height, width):
-        """Patch grid of a model input of ``height x width`` pixels."""
-        if self.grid_shape_ is not None:
-            return self.grid_shape_
-        side, at_side, at_double = self._grid_growth
-        return tuple(
-            at_side + (length - side) * (at_double - at_side) // side
-            for length in (height, width)
-        )
+    def _set_engine(self, engine):
+        self._engine = engine
+        self.model_ = engine.network
+        self.feature_dim_ = engine.feature_dim
+        facts = engine.grid_facts()
+        for name, value in zip(_GRID_FACTS, facts):
+            setattr(self, name, value)
 
-    def _input_shape(self, source):
-        """``(height, width)`` of the model input of one validated image source."""
-        geometry = input_geometry(
-            *source_shape(source),
-            self.image_size,
-            self.resize,
-            **self._input_settings(),
-        )
-        return geometry.crop_height, geometry.crop_width
+    def _features(self):
+        """The fitted engine, on the device ``device`` asks for now.
 
-    def _patch_counts(self, sources):
-        """Number of patch features of each image of ``sources``."""
-        if self.grid_shape_ is not None:
-            return np.full(len(sources), math.prod(self.grid_shape_), dtype=np.int64)
-        # Only the files' headers are read here.
-        return np.array(
-            [math.prod(self._input_grid(*self._input_shape(s))) for s in sources],
-            dtype=np.int64,
-        )
+        ``device`` may change after fit: the backbone moves at the next
+        call. Left unchanged, the device found at fit (or at loading, which
+        falls back to the CPU without CUDA) stays.
+        """
+        check_is_fitted(self)
+        # Compared by name: a torch.device and its string ask for the same.
+        if str(self.device) != self._fitted_device:
+            device = resolve_device(self.device)
+            self._engine.to(device)
+            self.device_, self.model_ = device, self._engine.network
+            self._fitted_device = str(self.device)
+        return self._engine
 
     def get_grid_shape(self, image_shape):
         """Shape of the patch grid of an image of a given size.
@@ -531,84 +407,8 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
                 "image_shape must start with the height and width of an image, "
                 f"positive ints; got {image_shape!r}."
             )
-        geometry = input_geometry(
-            *shape, self.image_size, self.resize, **self._input_settings()
-        )
-        return self._input_grid(geometry.crop_height, geometry.crop_width)
-
-    def _set_projection(self):
-        projection = channel_projection(self.layer_channels_, self.feature_dim)
-        if projection is not None:
-            projection = torch.from_numpy(projection).to(self.device_)
-        self._projection = projection
-
-    def _layer_maps(self, batch):
-        with torch.autocast(
-            self.device_.type,
-            dtype=torch.bfloat16,
-            enabled=self.device_.type in _BFLOAT16_DEVICES,
-        ):
-            outputs = self._network(batch)
-        maps = [outputs[name] for name in self.layers_]
-        for name, feature_map in zip(self.layers_, maps):
-            if not isinstance(feature_map, torch.Tensor):
-                raise ValueError(
-                    f"Layer {name!r} returns a {type(feature_map).__name__}, not a "
-                    "tensor; a feature map (N, C, H, W) is needed."
-                )
-            if feature_map.ndim != 4:
-                raise ValueError(
-                    f"Layer {name!r} returns a tensor of shape "
-                    f"{tuple(feature_map.shape)}; a feature map (N, C, H, W) is needed."
-                )
-        return [feature_map.float() for feature_map in maps]
-
-    def _pool(self, feature_map):
-        """Neighbourhood averaging of one layer's map, at ``patch_stride``."""
-        # Zero padding counted in the mean, as in the paper's reference
-        # code: it shrinks the one-patch frame, where the backbone's own
-        # padding makes features least reliable, and so damps its scores.
-        # Measured on ELPV poly, image AUROC 0.78 -> 0.88; on MPDD, AUPRO
-        # 0.913 -> 0.943 (docs/results.rst).
-        return F.avg_pool2d(
-            feature_map,
-            kernel_size=self.patch_size,
-            stride=self.patch_stride,
-            padding=self.patch_size // 2,
-            count_include_pad=True,
-        )
-
-    def _aggregate(self, maps):
-        """Neighbourhood averaging, alignment on the first grid, channel merge."""
-        aggregated = [self._pool(feature_map) for feature_map in maps]
-        grid = aggregated[0].shape[2:]
-        aligned = [aggregated[0]] + [
-            F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
-            for m in aggregated[1:]
-        ]
-        stacked = torch.cat(aligned, dim=1)
-        if self._projection is None:
-            return stacked
-        return torch.einsum("dc,nchw->ndhw", self._projection, stacked)
-
-    def _extract(self, batch):
-        """Patch features (N, h, w, feature_dim) of a batch of [0, 1] RGB tensors."""
-        mean = torch.tensor(self.mean_, device=self.device_).view(1, 3, 1, 1)
-        std = torch.tensor(self.std_, device=self.device_).view(1, 3, 1, 1)
-        per_pass = len(batch)
-        if self.device_.type == "cpu":
-            pixels = _CPU_PIXELS_PER_THREAD * torch.get_num_threads()
-            per_pass = max(1, pixels // math.prod(batch.shape[2:]))
-        with torch.inference_mode():
-            batch = batch.to(self.device_, memory_format=torch.channels_last)
-            batch = (batch - mean) / std
-            features = torch.cat(
-                [
-                    self._aggregate(self._layer_maps(images))
-                    for images in batch.split(per_pass)
-                ]
-            )
-        return features.permute(0, 2, 3, 1).float().cpu().numpy()
+        geometry = self._engine.geometry(*shape)
+        return self._engine.input_grid(geometry.crop_height, geometry.crop_width)
 
     def iter_batches(self, X, batch_size=None):
         """Yield the patch features of ``X`` batch by batch, with geometries.
@@ -637,56 +437,17 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
             How each model input sits in its original image (resize and
             crop), to map anomaly maps back onto the image.
         """
-        check_is_fitted(self)
-        yield from self._iter_sources(check_images(X), batch_size)
-
-    def _iter_sources(self, sources, batch_size=None):
-        """:meth:`iter_batches` on sources that ``check_images`` returned."""
+        engine = self._features()
         batch_size = self.batch_size if batch_size is None else batch_size
+        sources = check_images(X)
         n_batches = -(-len(sources) // batch_size)
-        for number, start in enumerate(range(0, len(sources), batch_size)):
-            inputs, geometries = [], []
-            for source in sources[start : start + batch_size]:
-                tensor, geometry = to_model_input(
-                    load_image(source),
-                    self.image_size,
-                    self.resize,
-                    **self._input_settings(),
-                )
-                inputs.append(tensor)
-                geometries.append(geometry)
+        for number, batch in enumerate(engine.batches(sources, batch_size)):
             if self.verbose:
                 print(f"[PatchFeatureExtractor] batch {number + 1}/{n_batches}")
+            grids = batch.grids()
             if self.grid_shape_ is not None:
-                yield self._extract(torch.stack(inputs)), geometries
-            else:
-                yield self._extract_by_shape(inputs), geometries
-
-    def _extract_by_shape(self, inputs):
-        """Patch features of model inputs of several shapes, one array each.
-
-        The inputs of each shape go through the backbone together; the
-        features come back in the order of ``inputs``.
-        """
-        by_shape = {}
-        for index, tensor in enumerate(inputs):
-            by_shape.setdefault(tuple(tensor.shape), []).append(index)
-        features = [None] * len(inputs)
-        for (_, height, width), indices in by_shape.items():
-            batch = self._extract(torch.stack([inputs[i] for i in indices]))
-            expected = self._input_grid(height, width)
-            if batch.shape[1:3] != expected:
-                raise ValueError(
-                    f"The backbone gives a {batch.shape[1]} x {batch.shape[2]} "
-                    f"patch grid for a {height} x {width} input, where the "
-                    f"grids it gave at fit predict {expected[0]} x "
-                    f"{expected[1]}: resize='keep_aspect' needs a backbone "
-                    "whose feature maps grow in proportion to its input, as "
-                    "those of convolutional networks do."
-                )
-            for i, image_features in zip(indices, batch):
-                features[i] = image_features
-        return features
+                grids = batch.rows.reshape(len(batch), *self.grid_shape_, -1)
+            yield grids, list(batch.geometries)
 
     def transform(self, X):
         """Patch features of each image.
@@ -722,8 +483,7 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         # it, or pickling would strip the fitted network from this extractor.
         # The state holds no torch object, so that skops can store it too.
         state = dict(super().__getstate__())
-        state.pop("_projection", None)
-        state.pop("_network", None)
+        state.pop("_engine", None)
         state["backbone"] = portable(state["backbone"])
         if "device_" in state:
             state["device_"] = str(state["device_"])
@@ -739,19 +499,11 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
 
     def __setstate__(self, state):
         weights = state.get("model_")
-        # Files of earlier versions normalise as the backbone's own.
-        state = {"normalization": None, **state}
-        # Files of earlier versions know square inputs only.
-        state = {"max_image_size": None, **state}
-        if "grid_shape_" in state:
-            state.setdefault("size_multiple_", None)
         super().__setstate__(state)
         self.backbone = restore(self.backbone)
-        if hasattr(self, "device_"):
-            # Stored by name; files of earlier versions hold a torch.device.
-            self.device_ = torch.device(self.device_)
         if weights is None:
             return
+        self.device_ = torch.device(self.device_)
         if self.device_.type == "cuda" and not torch.cuda.is_available():
             if not (isinstance(self.device, str) and self.device == "auto"):
                 warnings.warn(
@@ -767,5 +519,8 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         module, _, _, _ = load_backbone(self.backbone, random_init)
         network = build_feature_network(module, self.layers_, self.image_size)
         network.load_state_dict(weights)
-        self._set_network(network)
-        self._set_projection()
+        engine = self._build_engine(network)
+        self._set_engine(
+            engine.restore_grids(*(getattr(self, name) for name in _GRID_FACTS))
+        )
+

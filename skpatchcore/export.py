@@ -30,7 +30,7 @@ from sklearn.utils._param_validation import validate_params
 
 from . import __version__
 from ._detector import PatchCoreDetector
-from ._scoring_graph import build_scoring_graph, example_input
+from ._engine.dense import build_scoring_graph, example_input
 
 __all__ = ["export_onnx", "export_torchscript"]
 

@@ -345,7 +345,7 @@ def test_joblib_round_trip_is_identical_and_small(fast_detector, elpv_small, tmp
     assert (
         path.stat().st_size < fast_detector.memory_bank_.nbytes + weight_bytes + 200_000
     )
-    assert loaded._searcher.features is loaded.memory_bank_
+    assert loaded._model.search.features is loaded.memory_bank_
 
 
 def test_memory_mapped_load_scores_the_same(fast_detector, elpv_small, tmp_path):
@@ -436,7 +436,7 @@ def test_coreset_size_and_pynndescent(fast_detector, elpv_small):
         scores, fast_detector.score_samples(elpv_small.test_images), rtol=0.05
     )
     restored = pickle.loads(pickle.dumps(approximate))
-    assert restored._searcher._index is not None
+    assert restored._model.search._index is not None
     np.testing.assert_array_equal(
         restored.score_samples(elpv_small.test_images), scores
     )
@@ -452,10 +452,10 @@ def test_ivf_scores_close_to_exact_search(fast_detector, elpv_small):
     scores = approximate.score_samples(X)
     np.testing.assert_allclose(scores, fast_detector.score_samples(X), rtol=1e-3)
     assert approximate.offset_ == pytest.approx(fast_detector.offset_, rel=1e-6)
-    centroids, rows, starts = approximate._searcher._index
+    centroids, rows, starts = approximate._model.search._index
     assert len(centroids) == 11
     restored = pickle.loads(pickle.dumps(approximate))
-    np.testing.assert_array_equal(restored._searcher._index[1], rows)
+    np.testing.assert_array_equal(restored._model.search._index[1], rows)
     np.testing.assert_array_equal(restored.score_samples(X), scores)
 
 

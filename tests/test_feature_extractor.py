@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torchvision
 
 from skpatchcore import PatchFeatureExtractor, _feature_extractor
-from skpatchcore._feature_extractor import adaptive_pool_matrix, channel_projection
+from skpatchcore._features.aggregation import adaptive_pool_matrix, channel_projection
 
 
 class TwoLayers(torch.nn.Module):
@@ -301,7 +301,7 @@ def test_invalid_normalization(normalization, error, match):
         extractor.fit()
 
 
-def test_normalization_survives_pickling_and_old_files():
+def test_normalization_survives_pickling():
     images = np.random.default_rng(7).random((2, 24, 24, 3))
     extractor = PatchFeatureExtractor(
         _small_net(),
@@ -316,13 +316,6 @@ def test_normalization_survives_pickling_and_old_files():
     np.testing.assert_array_equal(
         restored.transform(images), extractor.transform(images)
     )
-
-    # A file of an earlier version, which knew no such parameter.
-    state = PatchFeatureExtractor(_small_net(), layers=("2",)).__getstate__()
-    del state["normalization"]
-    old = PatchFeatureExtractor.__new__(PatchFeatureExtractor)
-    old.__setstate__(state)
-    assert old.get_params()["normalization"] is None
 
 
 def normalised(extractor, image):

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from skpatchcore._anomaly_maps import model_input_maps, to_original_geometry
+from skpatchcore._scoring.maps import model_input_maps, to_original_geometry
 from skpatchcore._images import (
     LazyImage,
     check_images,

@@ -114,8 +114,8 @@ def test_skops_round_trip_is_identical(fitted, elpv_small, tmp_path):
     assert loaded.offset_ == detector.offset_
     assert loaded.pixel_threshold_ == detector.pixel_threshold_
     np.testing.assert_array_equal(loaded.memory_bank_, detector.memory_bank_)
-    assert loaded._searcher.features is loaded.memory_bank_
-    assert (loaded._searcher._index is None) == (detector.nn_algorithm == "exact")
+    assert loaded._model.search.features is loaded.memory_bank_
+    assert (loaded._model.search._index is None) == (detector.nn_algorithm == "exact")
     assert loaded.device_ == torch.device("cpu")
 
 

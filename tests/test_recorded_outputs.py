@@ -6,6 +6,14 @@ is recomputed here with the code under test. Scores, maps, banks and
 thresholds agree to a relative 1e-5 (the batch rounding the docs allow:
 the backbone's convolutions may round differently between passes), and
 decisions exactly.
+
+One change was made on purpose: pixel thresholds are calibrated on held-out
+maps at each image's own resolution, where ``predict_masks`` compares maps
+with them, for the detector as for the ensemble (the detector used its
+model-input maps). A bilinearly resized map never exceeds the map it comes
+from, so a detector's map maxima may only fall, and by little; the
+ensemble standardises its members' maps by those maxima, so its maps and
+thresholds move a little more.
 """
 
 import sys
@@ -26,6 +34,10 @@ pytestmark = [
 
 RECORDED = np.load(record_outputs.OUTPUT)
 
+# What the one map geometry of calibration moves (see the module docstring).
+DETECTOR_MAP_MAXIMA = {"pixel_threshold", "calibration_map_maxima"}
+ENSEMBLE_MAP_SCALE = DETECTOR_MAP_MAXIMA | {"map_means"} | {f"map{i}" for i in range(4)}
+
 
 @pytest.mark.parametrize("case", sorted(record_outputs.CASES))
 def test_outputs_reproduced(case):
@@ -41,6 +53,12 @@ def test_outputs_reproduced(case):
         assert actual.shape == expected.shape, key
         if key == "predict":
             np.testing.assert_array_equal(actual, expected, err_msg=key)
+        elif case == "ensemble" and key in ENSEMBLE_MAP_SCALE:
+            scale = np.abs(expected).max()
+            np.testing.assert_allclose(actual, expected, atol=0.02 * scale, err_msg=key)
+        elif key in DETECTOR_MAP_MAXIMA or key == "map_means":
+            assert np.all(actual <= expected * (1 + 1e-6)), key
+            np.testing.assert_allclose(actual, expected, rtol=1e-3, err_msg=key)
         else:
             # Absolute floor for values near zero (map pixels, feature sums).
             scale = np.abs(expected).max() if expected.size else 0.0

@@ -1,8 +1,15 @@
 import math
 
 import numpy as np
+import torch
 
-from skpatchcore._scoring import reweighted_scores
+from skpatchcore._scoring import reweighting
+
+
+def reweighted_scores(support_distances):
+    """Eq. 7 in float64, as the detector evaluates it."""
+    tensor = torch.tensor(support_distances, dtype=torch.float64)
+    return reweighting.reweighted_scores(tensor).numpy()
 
 
 def test_eq7_by_hand():
@@ -47,3 +54,21 @@ def test_weight_bounds():
     # [1 - 1/b, 1).
     assert np.all(weights >= 1 - 1 / 9 - 1e-12)
     assert np.all(weights < 1)
+
+
+def test_float32_as_an_exported_graph_evaluates_it():
+    support = torch.tensor([[1.0, 2.0, 3.0], [800.0, 801.0, 802.0]])
+    scores = reweighting.reweighted_scores(support)
+    assert scores.dtype == torch.float32
+    np.testing.assert_allclose(
+        scores.numpy(), reweighted_scores(support.double().numpy()), rtol=1e-5
+    )
+
+
+def test_support_keeps_the_center_first_and_skips_its_duplicates():
+    centers = torch.tensor([7, 3])
+    # Row 0: a duplicate of m* (row 5, distance 0) ranks before m* itself.
+    candidates = torch.tensor([[5, 7, 2, 9], [3, 1, 4, 8]])
+    distances = torch.tensor([[0.0, 0.0, 1.5, 2.0], [0.0, 0.5, 0.7, 3.0]])
+    support = reweighting.support_rows(centers, candidates, distances, 3)
+    assert support.tolist() == [[7, 5, 2], [3, 1, 4]]

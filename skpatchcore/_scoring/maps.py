@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter1d
 
-from ._images import image_size_pair
+from .._images import image_size_pair
 
 
 @functools.lru_cache(maxsize=32)
@@ -20,9 +20,8 @@ def axis_operator(grid_length, input_length, sigma):
     columns.T``. Its columns are the upsampled and smoothed unit vectors,
     computed by ``torch.nn.functional.interpolate`` and
     ``scipy.ndimage.gaussian_filter1d`` themselves, so borders and kernels
-    are theirs by construction. On 28 x 28 grids and 224 x 224 maps, one
-    thread, the two products took 0.04 ms per map against 1.1 ms to upsample
-    and filter it.
+    are theirs by construction, and two small products replace an upsample
+    and a filter per map (docs/results.rst, "Prediction stages": maps).
 
     Parameters
     ----------
@@ -121,3 +120,46 @@ def to_original_geometry(input_map, geometry):
             align_corners=False,
         )
     return tensor[0, 0].numpy()
+
+
+def input_maps(distances, batch, sigma):
+    """Anomaly maps on the model inputs of a batch's images.
+
+    Parameters
+    ----------
+    distances : ndarray of shape (n_patches,)
+        Patch distances in the batch's row order.
+
+    batch : FeatureBatch
+        Gives each image's grid and model-input shape.
+
+    sigma : float
+        As in :func:`model_input_maps`.
+
+    Returns
+    -------
+    maps : list of ndarray of shape (crop_height, crop_width)
+        Float32, one per image.
+    """
+    grids = batch.per_image(distances)
+    maps = [None] * len(batch)
+    by_shape = {}
+    for i, (grid, geometry) in enumerate(zip(grids, batch.geometries)):
+        key = (grid.shape, geometry.crop_height, geometry.crop_width)
+        by_shape.setdefault(key, []).append(i)
+    # Images of one shape share the operators: one product for all of them.
+    for (_, height, width), images in by_shape.items():
+        shaped = model_input_maps(
+            np.stack([grids[i] for i in images]), (height, width), sigma
+        )
+        for i, image_map in zip(images, shaped):
+            maps[i] = image_map
+    return maps
+
+
+def image_maps(distances, batch, sigma):
+    """Anomaly maps of a batch's images, each at its own resolution."""
+    return [
+        to_original_geometry(m, g)
+        for m, g in zip(input_maps(distances, batch, sigma), batch.geometries)
+    ]

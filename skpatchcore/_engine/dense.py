@@ -1,44 +1,27 @@
-"""The whole scoring of a fitted detector as one torch module, for export.
+"""The engine's dense mode: the whole scoring as one torch module, for export.
 
 :class:`ScoringGraph` computes, from images at the model input size, what
 :meth:`PatchCoreDetector.score_samples` and the model-input maps of
 :meth:`PatchCoreDetector.anomaly_maps` compute, with tensor operations only
 (no NumPy, SciPy or Python loops over images), so that ``torch.jit.trace``
-and ``torch.onnx.export`` can record it with the memory bank inside.
+and ``torch.onnx.export`` can record it with the memory bank inside. It runs
+the engine's own parts: the patch aggregation, eq. 7 with its support set,
+and the map operators; only the search is its own, the exact search written
+as one product over the whole bank, which a trace can record.
 """
 
 import copy
 import functools
-import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from ._anomaly_maps import axis_operator
-from ._feature_extractor import channel_projection
-from ._memory_bank import _RERANK_MARGIN
-
-
-def _input_shape(image_size):
-    """``(height, width)`` of the model input that ``image_size`` sets.
-
-    Parameters
-    ----------
-    image_size : int or tuple of int
-        The detector's ``image_size``: the side of a square input, or a
-        ``(height, width)`` pair.
-
-    Returns
-    -------
-    shape : tuple of int
-        ``(height, width)``.
-    """
-    if isinstance(image_size, (tuple, list)):
-        return tuple(int(side) for side in image_size)
-    return int(image_size), int(image_size)
+from .._images import image_size_pair
+from .._memory_bank import _RERANK_MARGIN
+from .._scoring.maps import axis_operator
+from .._scoring.reweighting import reweighted_scores, support_rows
 
 
 def _keep_output(outputs, layer, module, args, output):
@@ -78,10 +61,9 @@ class ScoringGraph(nn.Module):
             self.backbone.get_submodule(layer).register_forward_hook(
                 functools.partial(_keep_output, self._outputs, layer)
             )
-        self.patch_size = extractor.patch_size
-        self.patch_stride = extractor.patch_stride
+        self.aggregator = copy.deepcopy(extractor._engine.aggregator).cpu()
         self.grid_shape = tuple(extractor.grid_shape_)
-        self.input_shape = _input_shape(extractor.image_size)
+        self.input_shape = image_size_pair(extractor.image_size)
         bank = detector.memory_bank_
         self.n_support = min(detector.n_reweight_neighbors, len(bank))
         # Candidates measured again after the ranking by a matrix product:
@@ -91,12 +73,6 @@ class ScoringGraph(nn.Module):
         for name in ("mean", "std"):
             values = torch.tensor(getattr(extractor, f"{name}_"), dtype=torch.float32)
             self.register_buffer(name, values.view(1, 3, 1, 1))
-        projection = channel_projection(
-            extractor.layer_channels_, extractor.feature_dim
-        )
-        if projection is not None:
-            projection = torch.from_numpy(projection)
-        self.register_buffer("projection", projection)
         bank = torch.from_numpy(np.array(bank, dtype=np.float32))
         self.register_buffer("bank", bank)
         self.register_buffer("bank_norms", (bank * bank).sum(dim=1))
@@ -127,23 +103,7 @@ class ScoringGraph(nn.Module):
             maps = [self._outputs[name] for name in self.layers]
         finally:
             self._outputs.clear()
-        aggregated = [
-            F.avg_pool2d(
-                feature_map,
-                kernel_size=self.patch_size,
-                stride=self.patch_stride,
-                padding=self.patch_size // 2,
-                count_include_pad=True,
-            )
-            for feature_map in maps
-        ]
-        aligned = [aggregated[0]] + [
-            F.interpolate(m, size=self.grid_shape, mode="bilinear", align_corners=False)
-            for m in aggregated[1:]
-        ]
-        stacked = torch.cat(aligned, dim=1)
-        if self.projection is not None:
-            stacked = torch.einsum("dc,nchw->ndhw", self.projection, stacked)
+        stacked = self.aggregator(maps, self.grid_shape)
         return stacked.flatten(2).transpose(1, 2)
 
     def _candidates(self, queries, n_candidates):
@@ -198,16 +158,12 @@ class ScoringGraph(nn.Module):
         support : torch.Tensor of shape (n_images, b)
             Bank rows.
         """
-        centers = centers.unsqueeze(1)
         if self.n_support == 1:
-            return centers
+            return centers.unsqueeze(1)
         distances, candidates = self._candidates(
-            self.bank[centers.squeeze(1)], self.n_support_candidates
+            self.bank[centers], self.n_support_candidates
         )
-        # m* stays first; an exact duplicate of it counts among the others.
-        distances = distances.masked_fill(candidates == centers, math.inf)
-        _, others = torch.topk(distances, self.n_support - 1, dim=1, largest=False)
-        return torch.cat([centers, torch.gather(candidates, 1, others)], dim=1)
+        return support_rows(centers, candidates, distances, self.n_support)
 
     def image_scores(self, features, distances, rows):
         """Eq. 7 score of each image, as :func:`reweighted_scores` gives it.
@@ -232,14 +188,10 @@ class ScoringGraph(nn.Module):
         support_distances = torch.linalg.vector_norm(
             self.bank[support] - m_test, dim=2
         )
-        nearest = support_distances[:, 0]
         if self.n_support == 1:
-            return nearest
-        log_fraction = nearest - torch.logsumexp(support_distances, dim=1)
-        # m* is the bank feature nearest to m_test, so s* is the smallest of
-        # the b distances and the fraction is at most 1/b <= 1/2: 1 - exp
-        # loses no precision there, and ONNX has no expm1.
-        return (1.0 - torch.exp(log_fraction)) * nearest
+            # Decided here, not from a tensor's shape, which a trace records.
+            return support_distances[:, 0]
+        return reweighted_scores(support_distances)
 
     def maps(self, distances):
         """Patch distances upsampled to the model input and smoothed.

@@ -1,0 +1,1 @@
+"""The torch engine: images -> features -> memory bank -> scores -> maps."""

@@ -1,0 +1,61 @@
+"""The PatchCore engine under the estimators: no scikit-learn in here."""
+
+from .._scoring.maps import image_maps, input_maps
+from .._scoring.patch_scores import score_batch
+
+
+class PatchCoreModel:
+    """A fitted PatchCore model: features, memory bank, scorer and maps.
+
+    The estimators validate, orchestrate, calibrate and persist; this holds
+    the data's way through the method, the same for square inputs and for
+    images of their own shapes (every stage takes a :class:`FeatureBatch`).
+
+    Parameters
+    ----------
+    features : PatchFeatures
+        Images to patch features.
+
+    search : MemoryBank
+        The memory bank and its nearest-neighbour search.
+
+    n_reweight_neighbors : int
+        ``b`` of eq. 7.
+
+    sigma : float
+        Gaussian smoothing of the maps, in model-input pixels.
+    """
+
+    def __init__(self, features, search, n_reweight_neighbors, sigma):
+        self.features = features
+        self.search = search
+        self.n_reweight_neighbors = int(n_reweight_neighbors)
+        self.sigma = float(sigma)
+
+    @property
+    def device(self):
+        return self.features.device
+
+    def to(self, device):
+        """Run the backbone and the search on ``device``; returns self."""
+        self.features.to(device)
+        self.search = self.search.to(device)
+        return self
+
+    def score(self, batch, exclude=None):
+        """Eq. 7 anomaly scores and patch distances; see :func:`score_batch`."""
+        return score_batch(batch, self.search, self.n_reweight_neighbors, exclude)
+
+    def input_maps(self, batch, distances):
+        """Maps on each image's model input."""
+        return input_maps(distances, batch, self.sigma)
+
+    def image_maps(self, batch, distances):
+        """Maps at each image's own resolution."""
+        return image_maps(distances, batch, self.sigma)
+
+    def predict(self, sources, batch_size):
+        """Yield ``(batch, anomaly scores, patch distances)`` per batch of images."""
+        for batch in self.features.batches(sources, batch_size):
+            scores, distances = self.score(batch)
+            yield batch, scores, distances

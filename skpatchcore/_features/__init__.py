@@ -1,0 +1,1 @@
+"""Images to patch features: backbones, their taps and the paper's aggregation."""
