@@ -12,10 +12,10 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 
 from ._anomaly_maps import model_input_maps, to_original_geometry
-from ._bank_builder import BankBuilder
+from ._bank.builder import BankBuilder
+from ._bank.search import MemoryBank
 from ._feature_extractor import PatchFeatureExtractor
 from ._images import check_images
-from ._memory_bank import MemoryBank
 from ._novelty_decisions import NoveltyDecisionsMixin
 from ._persistence import index_state, portable, restore, restore_index
 from ._progress import progress_bar

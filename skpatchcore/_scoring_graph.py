@@ -18,8 +18,8 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from ._anomaly_maps import axis_operator
+from ._bank.search import _RERANK_MARGIN
 from ._feature_extractor import channel_projection
-from ._memory_bank import _RERANK_MARGIN
 
 
 def _input_shape(image_size):
