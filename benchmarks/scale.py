@@ -184,7 +184,7 @@ def worker(args):
 
 def _skpatchcore_row(spec, train, test, args):
     from skpatchcore import PatchCoreDetector
-    from skpatchcore._bank_builder import BankBuilder
+    from skpatchcore._bank.builder import BankBuilder
 
     totals = dict(build=0.0, features=0.0, calibration=0.0)
     _timed(BankBuilder, "build", totals, "build")

@@ -27,7 +27,7 @@ each with side-by-side timings and their ratio, measured in this one run.
   ``--ranking-bank`` patches, the patches of 16 test cells as queries;
   whether the neighbours and distances are identical); selecting each
   query's candidates by ``torch.topk`` over every bank row against
-  :func:`~skpatchcore._memory_bank.smallest_per_row`, and ranking tiles of
+  :func:`~skpatchcore._bank.selection.smallest_per_row`, and ranking tiles of
   2,048 queries against 1,024 (same inputs, int8 ranking); the Lite0
   backbone with its batch norms folded into the convolutions against the
   backbone as loaded (16 images; the largest feature difference), its
@@ -55,8 +55,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skpatchcore._coreset import _greedy_steps
-from skpatchcore._memory_bank import MemoryBank
+from skpatchcore._bank.coreset import _greedy_steps
+from skpatchcore._bank.search import MemoryBank
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -370,7 +370,7 @@ def prediction_table(args):
     is kept for each.
     """
     from skpatchcore import PatchFeatureExtractor, _anomaly_maps, _feature_extractor
-    from skpatchcore import _memory_bank
+    from skpatchcore._bank import search as bank_search
 
     n_cells = -(-args.ranking_bank // PATCHES_PER_CELL)
     train, test, _ = cell_features(n_cells, args)
@@ -386,7 +386,7 @@ def prediction_table(args):
     best, found = alternating(
         args.repeats,
         {
-            "float32": _with_setting(_memory_bank, "_INT8_RANKING", False, search),
+            "float32": _with_setting(bank_search, "_INT8_RANKING", False, search),
             "int8": search,
         },
     )
@@ -409,7 +409,7 @@ def prediction_table(args):
         args.repeats,
         {
             "topk": _with_setting(
-                _memory_bank, "smallest_per_row", topk_per_row, search
+                bank_search, "smallest_per_row", topk_per_row, search
             ),
             "spans": search,
         },
@@ -427,8 +427,8 @@ def prediction_table(args):
     best, found = alternating(
         args.repeats,
         {
-            "2048": _with_setting(_memory_bank, "_QUERY_TILE", 2048, search),
-            "1024": _with_setting(_memory_bank, "_QUERY_TILE", 1024, search),
+            "2048": _with_setting(bank_search, "_QUERY_TILE", 2048, search),
+            "1024": _with_setting(bank_search, "_QUERY_TILE", 1024, search),
         },
     )
     rows.append(

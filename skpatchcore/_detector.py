@@ -10,12 +10,12 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._bank_builder import BankBuilder
+from ._bank.builder import BankBuilder
+from ._bank.search import MemoryBank
 from ._calibration import draw_sample, held_out_values, thresholds
 from ._engine.model import PatchCoreModel
 from ._feature_extractor import PatchFeatureExtractor
 from ._images import check_images
-from ._memory_bank import MemoryBank
 from ._novelty_decisions import NoveltyDecisionsMixin
 from ._persistence import index_state, portable, restore, restore_index
 from ._progress import progress_bar

@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import brute_force_k_center
 
-from skpatchcore._bank_builder import BankBuilder, plan_chunks
-from skpatchcore._coreset import random_projection
+from skpatchcore._bank.builder import BankBuilder, plan_chunks
+from skpatchcore._bank.coreset import random_projection
 
 
 class ToyExtractor:
@@ -71,7 +71,7 @@ def test_partitioned_bank_is_the_union_of_brute_force_chunk_coresets():
 
 
 def test_one_chunk_is_the_greedy_coreset_of_all_patches():
-    from skpatchcore._coreset import greedy_coreset
+    from skpatchcore._bank.coreset import greedy_coreset
 
     images = toy_images(5)
     bank, bank_images, _ = build(images, method="auto", chunk_size=30)

@@ -3,8 +3,8 @@ import pytest
 import torch
 from conftest import brute_force_k_center
 
-from skpatchcore import _coreset
-from skpatchcore._coreset import greedy_coreset, random_projection, split_budget
+from skpatchcore._bank import coreset
+from skpatchcore._bank.coreset import greedy_coreset, random_projection, split_budget
 
 
 def test_matches_brute_force_without_projection():
@@ -113,7 +113,7 @@ def test_thread_setting_is_restored_when_selections_overlap():
 
     import torch
 
-    from skpatchcore._coreset import greedy_k_center
+    from skpatchcore._bank.coreset import greedy_k_center
 
     before = torch.get_num_threads()
     points = np.random.default_rng(5).normal(size=(3000, 16)).astype(np.float32)
@@ -172,7 +172,7 @@ def test_device_loop_chooses_as_the_host_loop(n_points, n_samples):
     rng = np.random.default_rng(0)
     points = torch.from_numpy(rng.normal(size=(n_points, 16)).astype(np.float32))
     points[10] = points[20]
-    expected = _coreset._greedy_steps(points, n_samples, 3)
-    found = _coreset._greedy_steps_on_device(points, n_samples, 3)
+    expected = coreset._greedy_steps(points, n_samples, 3)
+    found = coreset._greedy_steps_on_device(points, n_samples, 3)
     np.testing.assert_array_equal(found, expected)
     assert len(np.unique(found)) == n_samples

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from skpatchcore import _memory_bank
-from skpatchcore._int8_candidates import Int8Bank, int8_products_work
-from skpatchcore._memory_bank import MemoryBank
+from skpatchcore._bank import search
+from skpatchcore._bank.int8 import Int8Bank, int8_products_work
+from skpatchcore._bank.search import MemoryBank
 
 pytestmark = pytest.mark.skipif(
     not int8_products_work(), reason="no exact int8 products on this CPU"
@@ -59,7 +59,7 @@ def test_keys_rank_like_distances(clusters):
     keys = int8_bank.keys(quantised, 0, len(bank)).numpy()
     _, nearest = brute_force(queries, bank, 1)
     rank = (keys < np.take_along_axis(keys, nearest, axis=1)).sum(axis=1)
-    assert rank.max() <= _memory_bank._RERANK_MARGIN
+    assert rank.max() <= search._RERANK_MARGIN
 
 
 @pytest.mark.parametrize("k", [1, 9])
@@ -80,7 +80,7 @@ def test_int8_and_float_rankings_give_the_same_neighbours(clusters, monkeypatch)
     groups = np.arange(len(queries)) % 50, np.arange(len(bank)) % 50
     found = {}
     for int8 in (True, False):
-        monkeypatch.setattr(_memory_bank, "_INT8_RANKING", int8)
+        monkeypatch.setattr(search, "_INT8_RANKING", int8)
         searcher = MemoryBank(bank)
         found[int8] = searcher.kneighbors(queries, 1, exclude_groups=groups)
     np.testing.assert_array_equal(found[True][1], found[False][1])

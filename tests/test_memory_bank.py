@@ -3,8 +3,10 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist
 
-from skpatchcore import _memory_bank
-from skpatchcore._memory_bank import MemoryBank, smallest_per_row
+from skpatchcore._bank import search
+from skpatchcore._bank.int8 import int8_products_work
+from skpatchcore._bank.search import MemoryBank
+from skpatchcore._bank.selection import smallest_per_row
 
 
 def brute_force(queries, bank, k):
@@ -72,8 +74,8 @@ def test_independent_of_tiles(data, monkeypatch, query_tile, bank_tile):
     groups = (np.arange(len(queries)) % 3, np.arange(len(bank)) % 3)
     whole = MemoryBank(bank).kneighbors(queries, 3)
     whole_excluded = MemoryBank(bank).kneighbors(queries, 3, groups)
-    monkeypatch.setattr(_memory_bank, "_QUERY_TILE", query_tile)
-    monkeypatch.setattr(_memory_bank, "_BANK_TILE", bank_tile)
+    monkeypatch.setattr(search, "_QUERY_TILE", query_tile)
+    monkeypatch.setattr(search, "_BANK_TILE", bank_tile)
     tiled = MemoryBank(bank).kneighbors(queries, 3)
     tiled_excluded = MemoryBank(bank).kneighbors(queries, 3, groups)
     split = [
@@ -126,6 +128,48 @@ def test_pickle_drops_the_device_cache(data):
     restored = pickle.loads(pickle.dumps(memory))
     assert restored._cached is None
     np.testing.assert_array_equal(restored.kneighbors(queries, 1)[1], before[1])
+
+
+@pytest.mark.parametrize("algorithm", ["exact", "ivf"])
+def test_to_moves_the_search_and_drops_the_device_state(data, algorithm):
+    bank, queries = data
+    memory = MemoryBank(bank, algorithm=algorithm)
+    # Both rankings fill the caches: int8 for one neighbour, float32 for more.
+    one, several = memory.kneighbors(queries, 1), memory.kneighbors(queries, 3)
+    cached, int8 = memory._cached, getattr(memory, "_int8", None)
+    assert cached is not None
+    if algorithm == "exact" and int8_products_work():
+        assert int8 is not None
+
+    # "meta" holds no data: the move itself reads nothing from the device.
+    moved = memory.to(torch.device("meta"))
+    assert moved is not memory
+    assert moved.device == torch.device("meta")
+    assert getattr(moved, "_cached", None) is None
+    assert getattr(moved, "_int8", None) is None
+    assert moved.features is memory.features
+    assert moved._index is memory._index
+    assert (moved.algorithm, moved.random_state) == (algorithm, 0)
+    # The original keeps its device and its caches.
+    assert memory.device == torch.device("cpu")
+    assert memory._cached is cached
+    assert getattr(memory, "_int8", None) is int8
+
+    back = moved.to("cpu")
+    assert back.device == torch.device("cpu")
+    for k, expected in ((1, one), (3, several)):
+        distances, indices = back.kneighbors(queries, k)
+        np.testing.assert_array_equal(indices, expected[1])
+        np.testing.assert_array_equal(distances, expected[0])
+
+
+def test_to_the_same_device_is_a_no_op(data):
+    bank, _ = data
+    memory = MemoryBank(bank)
+    assert memory.to("cpu") is memory
+    assert memory.to(torch.device("cpu")) is memory
+    on_meta = memory.to("meta")
+    assert on_meta.to(torch.device("meta")) is on_meta
 
 
 def clustered(n_bank, n_queries, n_outliers, seed=0):

@@ -18,8 +18,8 @@ import torch
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
+from .._bank.search import _RERANK_MARGIN
 from .._images import image_size_pair
-from .._memory_bank import _RERANK_MARGIN
 from .._scoring.maps import axis_operator
 from .._scoring.reweighting import reweighted_scores, support_rows
 

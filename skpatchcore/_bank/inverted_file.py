@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from ._torch_utils import one_torch_thread
+from .._torch_utils import one_torch_thread
 
 # k-means is trained on this many bank entries per list, at most, for this
 # many Lloyd iterations, then every entry joins its nearest centroid's list.
@@ -29,19 +29,19 @@ _KMEANS_ITERATIONS = 10
 
 # Each query probes its nearest lists, at least _MIN_PROBES of them or this
 # fraction of all, and every list whose centroid is within _PROBE_RATIO
-# times the nearest centroid's distance. On ELPV patch features (banks of
-# 100,000 and 1,000,000 entries, 316 and 1,000 lists), this probed 5 % and
-# 3 % of the lists on average, and found the exact nearest neighbour of 99.8
-# and 99.9 % of test patches, and of the most anomalous patch of each of 100
-# test cells. A fixed 1/16 of the lists, as many or twice as many, found
-# 99.7 and 99.9 %, and missed 2 of the 100 most anomalous at 100,000.
+# times the nearest centroid's distance: on real patch features this found
+# the exact neighbours, the most anomalous patches' included, at least as
+# often as a fixed fraction of the lists that probed as many lists or more
+# (docs/results.rst, "Approximate nearest-neighbour search", "How the
+# indexes are set").
 _PROBED_FRACTION = 1 / 64
 _MIN_PROBES = 8
 _PROBE_RATIO = 1.25
 
 # Float32 entries of one distance tile (16 MiB), and queries searched
-# together: their (query, list) pairs are held at once, 33 per query on
-# average on a bank of 1,000,000 ELPV patch features.
+# together: their (query, list) pairs are held at once, a few dozen per
+# query on a large bank (docs/results.rst, "Approximate nearest-neighbour
+# search", "How the indexes are set").
 _TILE_ENTRIES = 1 << 22
 _QUERY_CHUNK = 16384
 
@@ -222,9 +222,9 @@ def _search_lists(tasks, bank, bank_norms, queries, n_candidates):
     if bank.device.type == "cpu" and n_threads > 1:
         # Lists in parallel, each on one thread: a list's products are
         # small, and torch's own threads spent more time waiting for each
-        # other than computing on them (2,000 queries, a bank of 20,000
-        # entries, two cores busy with other work: 0.5 s on one thread, 6.6
-        # to 9.9 s on two).
+        # other than computing on them, far more when other work shared the
+        # cores (docs/results.rst, "Approximate nearest-neighbour search",
+        # "How the indexes are set").
         with one_torch_thread(), ThreadPoolExecutor(n_threads) as pool:
             found = [pool.submit(worker) for _ in range(n_threads)]
             found = [future.result() for future in found]

@@ -2,23 +2,20 @@
 
 The exact search first ranks the whole bank for each query, keeps a few
 more candidates than asked for, and computes the distances to those in
-float64 (:mod:`skpatchcore._memory_bank`). On a CPU the ranking can use
+float64 (:mod:`skpatchcore._bank.search`). On a CPU the ranking can use
 8-bit integers: one scale for the bank and its queries, integer products
 summed exactly in int32 (AVX-512 VNNI and AVX2 have instructions for them),
 and the squared bank norms folded into the product as extra columns, so
 that a tile of keys is the product and nothing else.
 
 Quantisation moves a key by much less than the gap that the re-ranking
-margin leaves: with one scale for bank and queries (before the centring
-below was added), the true nearest entry of 154,448 EfficientNet-Lite0
-test patches of MPDD metal_plate and ELPV mono, against banks of 4,234 and
-7,840 entries, was never ranked below 4th, so always among the candidates.
-The product is exact, hence the keys, and so the candidates, do not depend
-on how queries are batched.
+margin leaves: on real patch features the true nearest entry always stayed
+among the candidates (docs/results.rst, "Prediction stages on the CPU",
+"Earlier measurements"). The product is exact, hence the keys, and so the
+candidates, do not depend on how queries are batched.
 
-A query with a value beyond the bank's range would be clipped; such rows
-are ranked in float32 instead (0.2 % of ELPV mono's test patches in that
-study).
+A query with a value beyond the bank's range would be clipped; such rows,
+few on real features (same section), are ranked in float32 instead.
 """
 
 import functools
@@ -60,9 +57,9 @@ class Int8Bank:
     of its half squared norm ``h = 127 * (sum of the high digits) + low
     digit``, each digit in [0, 127]. The product is ``h - q.b`` in integer
     steps, which ranks bank rows as the squared distance to ``q`` does.
-    Real features need a few high digits, as a squared norm stays far below
-    ``n_features`` times the largest squared value: 5 for a bank of ELPV
-    patch features of Lite0, 158 columns instead of 152.
+    Real features need only a few high digits, as a squared norm stays far
+    below ``n_features`` times the largest squared value (docs/results.rst,
+    "Prediction stages on the CPU", "Earlier measurements").
 
     Parameters
     ----------

@@ -3,88 +3,40 @@
 import numpy as np
 import torch
 
-from ._int8_candidates import Int8Bank, int8_products_work
-from ._inverted_file import build_inverted_file, inverted_file_candidates
-from ._torch_utils import as_tensor
+from .._torch_utils import as_tensor
+from .int8 import Int8Bank, int8_products_work
+from .inverted_file import build_inverted_file, inverted_file_candidates
+from .selection import smallest_per_row
 
 # Extra candidates taken from the fast ranking pass before the exact
-# re-ranking; a true neighbour could only be missed if rounding moved it past
-# this many others, far beyond float32 error on distances between real
-# features, and twice the worst rank that int8 quantisation gave the true
-# neighbour on the shared data sets.
+# re-ranking: a true neighbour is missed only if rounding moves it past this
+# many others, far beyond float32 error on distances between real features,
+# and twice the worst rank that int8 quantisation gave the true neighbour on
+# the shared data sets (docs/results.rst, "Prediction stages on the CPU",
+# "Earlier measurements").
 _RERANK_MARGIN = 8
 
 # Rank the bank by int8 products on the CPU; False ranks in float32 (tests
 # and benchmarks compare the two).
 _INT8_RANKING = True
 
-# Queries and bank rows per tile of the ranking product. Tiles of 1,024 x
-# 4,096 keys (16 MiB) stay near the caches: on 4,096 queries against 8,192
-# bank rows, one thread, the int8 product and selection took 60 ms in such
-# tiles, against 128 ms in tiles of 2,048 x 4,096 (32 MiB, which the
-# allocator also hands back to the system after each tile), and the float32
-# ones 165 ms against 208 ms; on 784 queries against 784,000 bank rows,
-# the float32 product ran at 70-85 GFLOPS in bank tiles against 33-35 in
-# one pass over the whole bank. Memory stays bounded whatever the number of
-# queries or the bank size.
+# Queries and bank rows per tile of the ranking product. Tiles of 16 MiB of
+# keys stay near the caches; larger ones, which the allocator also hands
+# back to the system after each tile, were slower, and so was one pass over
+# the whole bank. Memory stays bounded whatever the number of queries or the
+# bank size. docs/results.rst, "Prediction stages on the CPU", has the times
+# (the tile row, its notes and "Earlier measurements").
 _QUERY_TILE = 1024
 _BANK_TILE = 4096
 
-# Search breadth of pynndescent queries (its default is 0.1). On 200,000
-# ELPV patch features (Lite0, 152 values) and 15,680 test patches, 0.1 found
-# the exact nearest neighbour of 90.7 % of them and 0.3 of 98.4 %, at five
-# times the query time. Graphs of 15 neighbours instead of 30 found 91 %
-# with 0.3, and 93 % with less pruning (diversify_prob=0.5,
-# pruning_degree_multiplier=3).
+# Search breadth of pynndescent queries (its default is 0.1): 0.3 finds far
+# more of the exact neighbours of real patch features, for slower queries.
+# docs/results.rst, "Approximate nearest-neighbour search" (its notes and
+# "How the indexes are set"), has the study.
 _PYNNDESCENT_EPSILON = 0.3
-
-# Column spans compared position by position before the per-row selection
-# of :func:`smallest_per_row`.
-_SELECTION_GROUPS = 4
 
 # Upper bound on float64 difference entries in the exact re-ranking (64 MiB).
 _RERANK_ENTRIES = 1 << 23
-
-
-def smallest_per_row(keys, k):
-    """The ``k`` smallest values of each row of ``keys`` and their columns.
-
-    Parameters
-    ----------
-    keys : torch.Tensor of shape (n_rows, n_columns)
-        Ranking keys, integer or float.
-
-    k : int
-        Values kept per row, at most ``n_columns``.
-
-    Returns
-    -------
-    values : torch.Tensor of shape (n_rows, k)
-        Ascending.
-
-    columns : torch.Tensor of shape (n_rows, k)
-        Column of each value; among equal values, any of them.
-
-    Notes
-    -----
-    The columns are cut into ``_SELECTION_GROUPS`` equal spans and each row
-    compared position by position across them first. A span position whose
-    minimum is among the ``k`` smallest such minima holds every value below
-    the row's k-th smallest (at most ``k`` positions can hold one), so
-    selecting among those ``k * _SELECTION_GROUPS`` entries gives exactly
-    the row's ``k`` smallest values. On 2,048 x 4,096 int32 keys with
-    ``k=9``, one thread, ``torch.topk`` took 12.3 ms and this 7.8 ms.
-    """
-    n_rows, n_columns = keys.shape
-    span = n_columns // _SELECTION_GROUPS
-    if n_columns % _SELECTION_GROUPS or span < 4 * k:
-        return torch.topk(keys, k, dim=1, largest=False)
-    span_minima = keys.reshape(n_rows, _SELECTION_GROUPS, span).amin(dim=1)
-    _, positions = torch.topk(span_minima, k, dim=1, largest=False, sorted=False)
-    offsets = torch.arange(0, n_columns, span, device=keys.device)
-    columns = (positions[:, None, :] + offsets[None, :, None]).reshape(n_rows, -1)
-    values, picked = torch.topk(keys.gather(1, columns), k, dim=1, largest=False)
-    return values, columns.gather(1, picked)
 
 
 class MemoryBank:
@@ -98,7 +50,7 @@ class MemoryBank:
     algorithm : {"exact", "ivf", "pynndescent"}, default="exact"
         ``"exact"`` searches by brute force in blocks; ``"ivf"`` builds an
         inverted-file index (k-means lists, see
-        :func:`~skpatchcore._inverted_file.build_inverted_file`) and
+        :func:`~skpatchcore._bank.inverted_file.build_inverted_file`) and
         ``"pynndescent"`` a neighbour graph, both approximate, for large
         banks.
 
@@ -106,7 +58,8 @@ class MemoryBank:
         Seed of the index.
 
     device : str or torch.device, default="cpu"
-        Where exact and inverted-file searches run.
+        Where exact and inverted-file searches run; :meth:`to` gives the
+        bank on another device.
 
     index : tuple of ndarray or pynndescent.NNDescent, default=None
         A prepared index of ``features`` to reuse instead of building one.
@@ -141,6 +94,35 @@ class MemoryBank:
 
     def __len__(self):
         return self.features.shape[0]
+
+    def to(self, device):
+        """The bank searching on ``device``.
+
+        Parameters
+        ----------
+        device : str or torch.device
+            Where the exact and inverted-file searches are to run.
+            pynndescent's graph is searched on the CPU wherever the bank is.
+
+        Returns
+        -------
+        bank : MemoryBank
+            ``self`` when ``device`` equals the bank's ``device``; otherwise a
+            new bank on ``device`` holding the same features and index (not
+            copies, and the index is not rebuilt), whose copy of the features
+            on the device, and int8 bank on the CPU, are made by its first
+            search. ``self`` keeps its own.
+        """
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        return MemoryBank(
+            self.features,
+            algorithm=self.algorithm,
+            random_state=self.random_state,
+            device=device,
+            index=self._index,
+        )
 
     def _build_index(self):
         if self.algorithm == "ivf":
@@ -267,7 +249,7 @@ class MemoryBank:
         """The ``n_candidates`` best bank rows per query by a fast product.
 
         With ``int8`` on the CPU, the bank is ranked by int8 products (see
-        :mod:`skpatchcore._int8_candidates`); otherwise, on other devices
+        :mod:`skpatchcore._bank.int8`); otherwise, on other devices
         and for queries beyond the bank's int8 range, by a float32 product.
         """
         chunk = as_tensor(queries).to(self.device)
@@ -296,8 +278,9 @@ class MemoryBank:
     def _float_keys(self, chunk, start, stop):
         """Squared distances minus the queries' squared norms, in float32."""
         bank, bank_norms = self._device_features()
-        # One fused call: the product followed by a scaled subtraction
-        # took 2.4 times as long on 12,544 x 4,234 entries.
+        # One fused call: the product followed by a scaled subtraction took
+        # far longer (docs/results.rst, "Prediction stages on the CPU",
+        # "Earlier measurements").
         return torch.addmm(
             bank_norms[None, start:stop], chunk, bank[start:stop].T, alpha=-2.0
         )
@@ -312,9 +295,9 @@ class MemoryBank:
         if groups is not None:
             query_groups, bank_groups = groups
             # Only the bank rows of the queries' own groups can be excluded:
-            # comparing those alone, instead of every pair, cut the extra
-            # time of a held-out search over a plain one from 25 % to 9 %
-            # (784 queries, a bank of 784,000 rows from 10,000 images).
+            # comparing those alone, instead of every pair, cuts most of the
+            # extra time of a held-out search over a plain one
+            # (docs/results.rst, "Fitting at scale", run C).
             own_rows = np.flatnonzero(np.isin(bank_groups, np.unique(query_groups)))
             query_groups = torch.from_numpy(query_groups).to(self.device)
         best_values = best_rows = excluded_key = None

@@ -3,7 +3,8 @@
 import numpy as np
 import torch
 
-from ._torch_utils import as_tensor, one_torch_thread
+from .._torch_utils import as_tensor, one_torch_thread
+
 
 def random_projection(n_features, projection_dim, random_state):
     """A Gaussian Johnson-Lindenstrauss matrix of shape (n_features, projection_dim).
@@ -102,8 +103,8 @@ def greedy_k_center(points, n_samples, start, device="cpu"):
         return _greedy_steps_on_device(points, n_samples, start)
     # Each step is a handful of small tensor operations: with several
     # threads, their synchronisation costs more than the work, and far more
-    # when other processes share the cores (measured on 47,040 x 128 points
-    # and two busy cores: 4.8 s with one thread, 192 s with two).
+    # when other processes share the cores (docs/results.rst, first "Notes"
+    # section, "Where skpatchcore is ahead", fit s).
     with one_torch_thread():
         return _greedy_steps(points, n_samples, start)
 

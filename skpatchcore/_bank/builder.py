@@ -14,9 +14,9 @@ from typing import NamedTuple
 import numpy as np
 from joblib import Parallel, delayed, effective_n_jobs
 
-from ._feature_batch import FeatureBatch
-from ._coreset import greedy_k_center, project, selection_projection, split_budget
-from ._progress import progress_bar
+from .._feature_batch import FeatureBatch
+from .._progress import progress_bar
+from .coreset import greedy_k_center, project, selection_projection, split_budget
 
 
 def plan_chunks(n_images, patches_per_image, *, method, chunk_size, random_state):
@@ -179,7 +179,8 @@ class BankBuilder:
         # Chunks go to joblib workers on the CPU; one GPU does them in turn.
         n_parallel = 1 if device.type != "cpu" else effective_n_jobs(self.n_jobs)
         # Filled in place: joining per-chunk pieces at the end would hold
-        # the bank twice at the peak (3.2 GB more for 784,000 x 1,024).
+        # the bank twice at the peak (docs/results.rst, "Fitting at scale",
+        # run D).
         n_rows = n_bank if select else n_patches
         bank = np.empty((n_rows, n_features), dtype=np.float32)
         bank_images = np.empty(n_rows, dtype=np.int64)

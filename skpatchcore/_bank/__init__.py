@@ -1,0 +1,1 @@
+"""The memory bank: coreset selection, building it from images, and searching it."""
