@@ -1,0 +1,1 @@
+"""Backbone networks turned into feature maps: weights, normalisation, taps."""
