@@ -334,9 +334,9 @@ def _size_multiple(backbone, settings):
 
 def _fit_predict_anomalib(train, test, args):
     from _anomalib_runner import fit_anomalib_patchcore, predict_anomalib_patchcore
-
     from skpatchcore._anomaly_maps import to_original_geometry
-    from skpatchcore._backbones import load_backbone
+
+    from skpatchcore._features.backbones import load_backbone
     from skpatchcore._images import input_geometry
 
     start = time.perf_counter()

@@ -239,7 +239,7 @@ def _anomalib_row(train, test, args):
     from _anomalib_runner import fit_anomalib_patchcore, predict_anomalib_patchcore
     from PIL import Image
 
-    from skpatchcore._backbones import load_backbone
+    from skpatchcore._features.backbones import load_backbone
 
     # The runner takes decoded images (N is small where anomalib runs).
     train, test = ([np.asarray(Image.open(p)) for p in s] for s in (train, test))

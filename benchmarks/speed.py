@@ -285,7 +285,7 @@ def with_padded_inputs(network):
     Each ``_SamePaddingConv2d`` of stride 2 becomes a plain convolution
     without padding, for which ``_ConvBN`` pads the input instead.
     """
-    from skpatchcore._backbones import _SamePaddingConv2d
+    from skpatchcore._features.efficientnet_lite import _SamePaddingConv2d
 
     copied = copy.deepcopy(network)
     for module in copied.modules():

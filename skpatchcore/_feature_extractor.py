@@ -14,14 +14,10 @@ from sklearn.utils._param_validation import (
 )
 from sklearn.utils.validation import check_is_fitted
 
-from ._backbones import (
-    build_feature_network,
-    check_layers,
-    check_normalization,
-    describe_layers,
-    load_backbone,
-)
+from ._features.backbones import load_backbone
+from ._features.normalization import check_normalization
 from ._features.patch_features import PatchFeatures
+from ._features.taps import build_feature_network, check_layers, describe_layers
 from ._images import check_images
 from ._persistence import TensorDict, portable, restore
 from ._torch_utils import resolve_device

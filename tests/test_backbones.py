@@ -17,17 +17,14 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.transforms.v2 import functional as TF
 
 from skpatchcore import PatchCoreDetector, PatchFeatureExtractor
-from skpatchcore._backbones import (
+from skpatchcore._features.backbones import load_backbone
+from skpatchcore._features.efficientnet_lite import (
     EFFICIENTNET_LITE_VARIANTS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     EfficientNetLite,
     EfficientNetLite0,
-    LayerTaps,
-    build_feature_network,
-    check_layers,
-    load_backbone,
 )
+from skpatchcore._features.normalization import IMAGENET_MEAN, IMAGENET_STD
+from skpatchcore._features.taps import LayerTaps, build_feature_network, check_layers
 
 CATEGORIES = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
 # scikit-learn's sample photographs and the ImageNet class each one shows.

@@ -3,8 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from skpatchcore._backbones import build_feature_network, load_backbone
-from skpatchcore._batch_norm_folding import fold_batch_norms
+from skpatchcore._features.backbones import load_backbone
+from skpatchcore._features.batch_norm_folding import fold_batch_norms
+from skpatchcore._features.taps import build_feature_network
 
 
 def _n_batch_norms(module):

@@ -3,7 +3,6 @@ import pytest
 import torch
 from PIL import Image
 
-from skpatchcore._scoring.maps import model_input_maps, to_original_geometry
 from skpatchcore._images import (
     LazyImage,
     check_images,
@@ -11,6 +10,7 @@ from skpatchcore._images import (
     load_image,
     to_model_input,
 )
+from skpatchcore._scoring.maps import model_input_maps, to_original_geometry
 
 
 @pytest.mark.parametrize(

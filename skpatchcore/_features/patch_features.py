@@ -6,10 +6,15 @@ import numpy as np
 import torch
 
 from .._feature_batch import FeatureBatch
-from .._images import image_size_pair, input_geometry, load_image, source_shape
-from .._images import to_model_input
+from .._images import (
+    image_size_pair,
+    input_geometry,
+    load_image,
+    source_shape,
+    to_model_input,
+)
 from .aggregation import PatchAggregator
-from .._batch_norm_folding import fold_batch_norms
+from .batch_norm_folding import fold_batch_norms
 
 # Devices whose backbone pass runs under bfloat16 autocast: a GPU's tensor
 # cores run it several times faster than float32. The maps are float32 again

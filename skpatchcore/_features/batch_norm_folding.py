@@ -2,15 +2,15 @@
 
 In eval mode a batch normalisation that directly follows a convolution is an
 affine map per channel, which the convolution's weights and bias can absorb.
-Folding it removes one pass over every feature map: the features of 16
-EfficientNet-Lite0 images at 224 px took 56.5 instead of 83.1 ms per image
-on two busy CPU cores (``benchmarks/speed.py --parts prediction``), and
-differed by at most 1.1e-6 of the largest feature.
+Folding it removes one pass over every feature map and changes the
+features by float32 rounding only (times and differences: docs/results.rst,
+"Prediction stages on the CPU", *Folding*, from ``benchmarks/speed.py
+--parts prediction``).
 
 The pairs are found by watching one forward pass rather than by the
 architecture's names, so any backbone qualifies, and nothing is traced
 (tracing would break forward passes in other threads, see
-:mod:`skpatchcore._backbones`).
+:mod:`skpatchcore._features.taps`).
 """
 
 import copy
