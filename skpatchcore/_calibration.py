@@ -77,7 +77,9 @@ def draw_sample(n_seen, n_new, n_earlier, max_images, random_state):
     return new_images, n_kept
 
 
-def held_out_values(model, batch, images, bank_images, batch_size, verbose, keep_maps=False):
+def held_out_values(
+    model, batch, images, bank_images, batch_size, verbose, keep_maps=False
+):
     """Held-out ``score_samples`` and map maxima of training images.
 
     Parameters

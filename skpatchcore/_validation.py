@@ -81,7 +81,9 @@ def changed_params(fitted, current):
         and (
             key not in fitted
             or key not in current
-            or not (current[key] is fitted[key] or same_value(current[key], fitted[key]))
+            or not (
+                current[key] is fitted[key] or same_value(current[key], fitted[key])
+            )
         )
     ]
 

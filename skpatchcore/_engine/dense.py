@@ -185,9 +185,7 @@ class ScoringGraph(nn.Module):
             features, 1, worst.unsqueeze(2).expand(-1, -1, features.shape[2])
         )
         support = self.support(torch.gather(rows, 1, worst).squeeze(1))
-        support_distances = torch.linalg.vector_norm(
-            self.bank[support] - m_test, dim=2
-        )
+        support_distances = torch.linalg.vector_norm(self.bank[support] - m_test, dim=2)
         if self.n_support == 1:
             # Decided here, not from a tensor's shape, which a trace records.
             return support_distances[:, 0]

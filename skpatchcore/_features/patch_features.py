@@ -142,7 +142,12 @@ class PatchFeatures:
 
     def grid_facts(self):
         """What :meth:`restore_grids` takes, for saving."""
-        return self.layer_channels, self.grid_shape, self.size_multiple, self._grid_growth
+        return (
+            self.layer_channels,
+            self.grid_shape,
+            self.size_multiple,
+            self._grid_growth,
+        )
 
     def _set_aggregator(self, layer_channels):
         self.layer_channels = layer_channels
@@ -217,7 +222,9 @@ class PatchFeatures:
         # Only the files' headers are read here.
         for source in sources:
             geometry = self.geometry(*source_shape(source))
-            counts.append(math.prod(self.input_grid(geometry.crop_height, geometry.crop_width)))
+            counts.append(
+                math.prod(self.input_grid(geometry.crop_height, geometry.crop_width))
+            )
         return np.array(counts, dtype=np.int64)
 
     def layer_maps(self, batch):
@@ -304,6 +311,4 @@ class PatchFeatures:
             rows = features.reshape(-1, self.feature_dim)
         else:
             rows = np.concatenate([g.reshape(-1, self.feature_dim) for g in grids])
-        return FeatureBatch(
-            rows, tuple(g.shape[:2] for g in grids), tuple(geometries)
-        )
+        return FeatureBatch(rows, tuple(g.shape[:2] for g in grids), tuple(geometries))

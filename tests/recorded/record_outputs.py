@@ -51,7 +51,10 @@ def _bank_summary(bank, full):
     bank = np.asarray(bank, dtype=np.float64)
     if full:
         return {"bank": bank.astype(np.float32)}
-    return {"bank_row_sums": bank.sum(axis=1), "bank_row_norms": np.linalg.norm(bank, axis=1)}
+    return {
+        "bank_row_sums": bank.sum(axis=1),
+        "bank_row_norms": np.linalg.norm(bank, axis=1),
+    }
 
 
 def _detector_outputs(detector, test_images, full_bank):
@@ -156,8 +159,12 @@ def export():
 
     train = [str(p) for p in _files("mpdd_metal_plate", "train/good", 6)]
     detector = PatchCoreDetector(
-        "efficientnet_lite0", image_size=96, resize=None, coreset_ratio=0.1,
-        feature_dim=64, random_state=0,
+        "efficientnet_lite0",
+        image_size=96,
+        resize=None,
+        coreset_ratio=0.1,
+        feature_dim=64,
+        random_state=0,
     ).fit(train)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "detector.pt"
