@@ -202,6 +202,10 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
     device : str or torch.device, default="auto"
         Where the backbone and the exact and "ivf" searches run; "auto" takes
         CUDA when it is available. The device actually used is ``device_``.
+        Changed after ``fit``, the backbone and the search move there at the
+        next call (a device that is not available is refused then, with a
+        ``ValueError``); a detector loaded where its device is missing runs
+        on the CPU until ``device`` is changed.
 
     batch_size : int, default=16
         Images loaded, and scored, together. On a GPU a batch is one
@@ -267,7 +271,9 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         Held-out ``score_samples`` of the calibration images.
 
     calibration_map_maxima_ : ndarray of shape (n_calibration_images,)
-        Largest held-out anomaly-map value of each calibration image.
+        Largest held-out anomaly-map value of each calibration image, at the
+        image's own resolution, where ``predict_masks`` compares maps with
+        ``pixel_threshold_``.
 
     calibration_indices_ : ndarray of shape (n_calibration_images,)
         Position of each calibration image among the ``n_train_images_``
@@ -330,7 +336,8 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
     Thresholds. At ``fit``, each calibration image (every training image, up
     to ``max_calibration_images``) is scored against the memory bank with
     its own patches removed (leave one image out), which is how an unseen
-    good image is scored; the largest value of its held-out anomaly map is
+    good image is scored; the largest value of its held-out anomaly map (at
+    the image's own resolution, as ``predict_masks`` sees it) is
     kept too. For "auto", ``offset_`` is the lowest of these
     ``score_samples`` not below Tukey's fence ``Q1 - 1.5 IQR`` (the end of
     the lower whisker of their box plot), and ``pixel_threshold_`` the
@@ -577,8 +584,9 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
             earlier_scores = self.calibration_scores_
             earlier_maxima = self.calibration_map_maxima_
             earlier_indices = self.calibration_indices_
+        n_earlier = len(earlier_scores)
         calibration, n_kept = draw_sample(
-            n_seen, n_new, len(earlier_scores), self.max_calibration_images, random_state
+            n_seen, n_new, n_earlier, self.max_calibration_images, random_state
         )
         features = extractor._features()
         patch_counts = features.patch_counts(sources)
@@ -663,10 +671,11 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         extractor = self.feature_extractor_
         if str(extractor.device) != str(self.device):
             extractor.set_params(device=self.device)
-        features = extractor._features()
-        if self._model.search.device != features.device:
-            self._model.to(features.device)
-        self.device_ = features.device
+        # The extractor moves the backbone; the search follows it.
+        extractor._features()
+        if self._model.search.device != extractor.device_:
+            self._model.search = self._model.search.to(extractor.device_)
+        self.device_ = extractor.device_
         return self._model
 
     def _predict_batches(self, X):

@@ -21,6 +21,7 @@ from ._features.taps import build_feature_network, check_layers, describe_layers
 from ._images import check_images
 from ._persistence import TensorDict, portable, restore
 from ._torch_utils import resolve_device
+from ._validation import check_no_bools
 
 # What the engine learnt at fit and a saved extractor keeps, so that loading
 # needs no probing pass.
@@ -112,6 +113,7 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
 
     device : str or torch.device, default="auto"
         Where the backbone runs; ``"auto"`` takes CUDA when available.
+        Changed after ``fit``, the backbone moves there at the next call.
 
     batch_size : int, default=16
         Images loaded and transformed together: one backbone pass on a GPU,
@@ -248,6 +250,7 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         self : object
             The fitted extractor.
         """
+        check_no_bools(self)
         if self.patch_size % 2 == 0:
             raise ValueError(
                 f"patch_size must be odd so that each neighbourhood is centred; "
@@ -519,4 +522,3 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         self._set_engine(
             engine.restore_grids(*(getattr(self, name) for name in _GRID_FACTS))
         )
-

@@ -7,20 +7,24 @@ from conftest import brute_force_k_center
 
 from skpatchcore._bank.builder import BankBuilder, plan_chunks
 from skpatchcore._bank.coreset import random_projection
+from skpatchcore._feature_batch import FeatureBatch
 
 
-class ToyExtractor:
-    """Stands in for a fitted PatchFeatureExtractor: each "image" is its grid."""
+class ToyFeatures:
+    """Stands in for the engine's feature stage: each "image" is its grid."""
 
-    def __init__(self, grid_shape, feature_dim):
-        self.grid_shape_ = grid_shape
-        self.feature_dim_ = feature_dim
-        self.device_ = torch.device("cpu")
+    def __init__(self, feature_dim):
+        self.feature_dim = feature_dim
+        self.device = torch.device("cpu")
 
-    def _iter_sources(self, sources, batch_size):
+    def batches(self, sources, batch_size):
         for start in range(0, len(sources), batch_size):
-            batch = np.stack(sources[start : start + batch_size])
-            yield batch, [None] * len(batch)
+            grids = sources[start : start + batch_size]
+            yield FeatureBatch(
+                np.concatenate([g.reshape(-1, self.feature_dim) for g in grids]),
+                tuple(g.shape[:2] for g in grids),
+                (None,) * len(grids),
+            )
 
 
 def toy_images(n_images, grid=(2, 3), dim=6, seed=0):
@@ -41,9 +45,12 @@ def build(images, coreset_ratio=0.2, **params):
         )
         | params
     )
-    extractor = ToyExtractor(images[0].shape[:2], images[0].shape[2])
-    n_bank = math.ceil(coreset_ratio * len(images) * math.prod(images[0].shape[:2]))
-    return BankBuilder(extractor, **params).build(images, n_bank, keep_images=[1, 4])
+    features = ToyFeatures(images[0].shape[2])
+    counts = np.array([math.prod(image.shape[:2]) for image in images])
+    n_bank = math.ceil(coreset_ratio * counts.sum())
+    return BankBuilder(features, **params).build(
+        images, n_bank, counts, keep_images=[i for i in (1, 4) if i < len(images)]
+    )
 
 
 def test_partitioned_bank_is_the_union_of_brute_force_chunk_coresets():
@@ -67,7 +74,9 @@ def test_partitioned_bank_is_the_union_of_brute_force_chunk_coresets():
         expected_images.append(chunk[chosen // 6])
     np.testing.assert_allclose(bank, np.concatenate(expected), rtol=1e-6)
     np.testing.assert_array_equal(bank_images, np.concatenate(expected_images))
-    np.testing.assert_array_equal(kept, np.stack([images[1], images[4]]))
+    kept_grids = kept.grids()
+    np.testing.assert_array_equal(kept_grids[0], images[1])
+    np.testing.assert_array_equal(kept_grids[1], images[4])
 
 
 def test_one_chunk_is_the_greedy_coreset_of_all_patches():
@@ -145,15 +154,6 @@ def test_covering_radius_within_twice_the_best_of_each_chunk():
         assert radius <= 2 * best + 1e-6
 
 
-class ToyGridsExtractor(ToyExtractor):
-    """Each "image" is its grid, and grids differ, as in keep-aspect mode."""
-
-    def _iter_sources(self, sources, batch_size):
-        for start in range(0, len(sources), batch_size):
-            batch = list(sources[start : start + batch_size])
-            yield batch, [None] * len(batch)
-
-
 def test_plan_chunks_of_images_with_their_own_patches():
     # Chunks of 20 patches hold 2 images when each may have 10.
     chunks = plan_chunks(
@@ -177,7 +177,7 @@ def test_rows_of_images_with_their_own_grids_name_their_image():
     images = [rng.normal(size=(*grid, 6)).astype(np.float32) for grid in grids]
     counts = np.array([math.prod(grid) for grid in grids])
     builder = BankBuilder(
-        ToyGridsExtractor(None, 6),
+        ToyFeatures(6),
         projection_dim=4,
         method="partitioned",
         chunk_size=9,
@@ -187,7 +187,7 @@ def test_rows_of_images_with_their_own_grids_name_their_image():
         verbose=0,
     )
     bank, bank_images, kept = builder.build(
-        images, int(counts.sum()), keep_images=[3, 1], patch_counts=counts
+        images, int(counts.sum()), counts, keep_images=[3, 1]
     )
     # Every patch is kept, each named after the image it comes from.
     assert len(bank) == counts.sum()
@@ -195,5 +195,6 @@ def test_rows_of_images_with_their_own_grids_name_their_image():
         assert any(np.array_equal(row, p) for p in images[image].reshape(-1, 6))
     assert sorted(np.bincount(bank_images).tolist()) == sorted(counts.tolist())
     # The kept images come back on their own grids.
-    np.testing.assert_array_equal(kept[0], images[3])
-    np.testing.assert_array_equal(kept[1], images[1])
+    np.testing.assert_array_equal(kept.grids()[0], images[3])
+    np.testing.assert_array_equal(kept.grids()[1], images[1])
+    assert kept.grid_shapes == ((3, 3), (4, 1))

@@ -15,6 +15,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
+from sklearn.utils._param_validation import InvalidParameterError
 
 from skpatchcore import PatchCoreDetector
 from skpatchcore.metrics import f1_max
@@ -389,6 +390,8 @@ def test_fitted_on_cuda_loads_on_cpu(fast_detector, elpv_small, monkeypatch, dev
     detector = pickle.loads(pickle.dumps(fast_detector))
     detector.set_params(device=device)
     detector.feature_extractor_.set_params(device=device)
+    # As fit leaves them on a CUDA machine: the device asked for and found.
+    detector.feature_extractor_._fitted_device = device
     cuda = torch.device("cuda")
     detector.device_ = detector.feature_extractor_.device_ = cuda
     payload = pickle.dumps(detector)
@@ -634,13 +637,81 @@ def test_model_parameters_changed_after_fit_are_refused(fast_detector, params):
     detector.score_samples(np.zeros((1, 64, 64), np.uint8))
 
 
-def test_runtime_parameters_may_change_after_fit(fast_detector, elpv_small):
-    detector = copy.deepcopy(fast_detector).set_params(batch_size=3, n_jobs=2)
+def test_runtime_parameters_may_change_after_fit(fast_detector, elpv_small, capsys):
+    detector = copy.deepcopy(fast_detector).set_params(
+        batch_size=3, n_jobs=2, verbose=1, device="cpu"
+    )
     np.testing.assert_allclose(
         detector.score_samples(elpv_small.test_images),
         fast_detector.score_samples(elpv_small.test_images),
         rtol=1e-5,
     )
+    # verbose takes effect at once: the scoring shows its progress.
+    assert "scoring" in capsys.readouterr().err
+
+
+def test_device_changed_after_fit_moves_backbone_and_search(
+    fast_detector, elpv_small, monkeypatch
+):
+    # One device here: record the moves that device="cuda" would make, with
+    # CUDA pretended available and the move itself a no-op.
+    detector = copy.deepcopy(fast_detector)
+    moves = []
+    model = detector._model
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        "skpatchcore._feature_extractor.resolve_device",
+        lambda device: torch.device(device),
+    )
+    monkeypatch.setattr(
+        type(model.features),
+        "to",
+        lambda self, device: moves.append(("features", device)),
+    )
+    monkeypatch.setattr(
+        type(model.search),
+        "to",
+        lambda self, device: moves.append(("search", device)) or self,
+    )
+    detector.set_params(device="cuda:0").score_samples(elpv_small.test_images[:1])
+    assert ("features", torch.device("cuda:0")) in moves
+    # The extractor reports the new device, and so does the detector.
+    assert detector.feature_extractor_.device_ == torch.device("cuda:0")
+    assert detector.device_ == torch.device("cuda:0")
+    assert detector.feature_extractor_.device == "cuda:0"
+
+
+def test_device_changed_after_fit_to_a_missing_one_is_refused(
+    fast_detector, cell_arrays
+):
+    detector = copy.deepcopy(fast_detector).set_params(device="meta")
+    with pytest.raises(ValueError, match="device='meta' holds no data"):
+        detector.score_samples(cell_arrays[:1])
+    # Set back, it scores on the device of fit.
+    detector.set_params(device=fast_detector.device).score_samples(cell_arrays[:1])
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(patch_size=True),
+        dict(patch_stride=True),
+        dict(batch_size=True),
+        dict(n_reweight_neighbors=False),
+        dict(coreset_ratio=True),
+        dict(sigma=True),
+        dict(contamination=True),
+        dict(max_calibration_images=np.True_),
+        dict(image_size=True),
+        dict(resize=True),
+    ],
+)
+def test_bools_for_numbers_are_refused(cell_arrays, params):
+    name = next(iter(params))
+    detector = PatchCoreDetector(**dict(FAST_PARAMS, **params))
+    # Out of range as numbers, sklearn's own check refuses them already.
+    with pytest.raises(InvalidParameterError, match=f"'{name}' parameter of .* must"):
+        detector.fit(cell_arrays[:2])
 
 
 @pytest.mark.parametrize("case", ["two identical images", "three blank images"])
@@ -1068,3 +1139,16 @@ def test_keep_aspect_localises_better_than_crop_or_squash():
     _, *squash_maps = results["squash"]
     _, *keep_maps = results["keep"]
     assert _mass_near(*keep_maps, scratch) > _mass_near(*squash_maps, scratch)
+
+
+def test_bool_for_an_int_is_named_as_such(cell_arrays):
+    from skpatchcore import PatchCoreEnsemble, PatchFeatureExtractor
+
+    message = "'patch_size' parameter of .* must be an int, not a bool; got True"
+    with pytest.raises(InvalidParameterError, match=message):
+        PatchCoreDetector(**dict(FAST_PARAMS, patch_size=True)).fit(cell_arrays[:2])
+    with pytest.raises(InvalidParameterError, match=message):
+        PatchFeatureExtractor(patch_size=True).fit()
+    member = PatchCoreDetector(**dict(FAST_PARAMS, patch_size=True))
+    with pytest.raises(InvalidParameterError, match=message):
+        PatchCoreEnsemble([("a", member)]).fit(cell_arrays[:2])

@@ -188,7 +188,9 @@ class PatchFeatures:
         """Move the backbone and the aggregation to ``device``; returns self."""
         if device != self.device:
             self.device = device
-            self._set_network(self.network)
+            # Folding does not depend on the device: both copies just move.
+            for network in (self.network, self._folded):
+                network.to(device, memory_format=torch.channels_last)
             self.aggregator = self.aggregator.to(device)
         return self
 
