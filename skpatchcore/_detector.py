@@ -19,6 +19,7 @@ from ._images import check_images
 from ._novelty_decisions import NoveltyDecisionsMixin
 from ._persistence import index_state, portable, restore, restore_index
 from ._progress import progress_bar
+from ._scoring.distances import UnitFeatures
 from ._validation import check_no_bools, check_unchanged_since_fit, good_images
 
 _EXTRACTOR_PARAMS = (
@@ -167,6 +168,19 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
     sigma : float, default=4.0
         Standard deviation, in model-input pixels, of the Gaussian smoothing
         of anomaly maps; 0 disables it.
+
+    distance : {"euclidean", "cosine"}, default="euclidean"
+        What patch distances measure. "euclidean" is the paper's. "cosine"
+        scales every patch feature to unit length first, so that the
+        coreset, the search, the scores and the maps all see unit vectors,
+        and reports ``1 - cos`` between a patch and its nearest bank entry,
+        as AnomalyDINO does [5]_.
+
+    image_score : {"reweighted", "max"} or float, default="reweighted"
+        How an image's patch distances become its score. "reweighted" is
+        eq. 7 of the paper (with ``n_reweight_neighbors``); "max" the
+        largest patch distance; a float ``q`` in (0, 1] the mean of the
+        ``ceil(q * n_patches)`` largest ones (AnomalyDINO takes 0.01).
 
     contamination : "auto" or float, default="auto"
         Sets ``offset_`` and ``pixel_threshold_`` from leave-one-image-out
@@ -370,6 +384,9 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
     .. [4] G. Malkomes, M. J. Kusner, W. Chen, K. Q. Weinberger and
        B. Moseley, "Fast distributed k-center clustering with outliers on
        massive data", NeurIPS 2015.
+    .. [5] S. Damm, M. Laszkiewicz, J. Lederer and A. Fischer, "AnomalyDINO:
+       Boosting Patch-based Few-shot Anomaly Detection with DINOv2", WACV
+       2025.
 
     Examples
     --------
@@ -394,6 +411,11 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         "projection_dim": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "n_reweight_neighbors": [Interval(numbers.Integral, 1, None, closed="left")],
         "sigma": [Interval(numbers.Real, 0, None, closed="left")],
+        "distance": [StrOptions({"euclidean", "cosine"})],
+        "image_score": [
+            StrOptions({"reweighted", "max"}),
+            Interval(numbers.Real, 0, 1, closed="right"),
+        ],
         "contamination": [
             StrOptions({"auto"}),
             Interval(numbers.Real, 0, 0.5, closed="right"),
@@ -426,6 +448,8 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         max_calibration_images=100,
         n_reweight_neighbors=9,
         sigma=4.0,
+        distance="euclidean",
+        image_score="reweighted",
         contamination="auto",
         nn_algorithm="exact",
         device="auto",
@@ -451,6 +475,8 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         self.max_calibration_images = max_calibration_images
         self.n_reweight_neighbors = n_reweight_neighbors
         self.sigma = sigma
+        self.distance = distance
+        self.image_score = image_score
         self.contamination = contamination
         self.nn_algorithm = nn_algorithm
         self.device = device
@@ -588,7 +614,7 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         calibration, n_kept = draw_sample(
             n_seen, n_new, n_earlier, self.max_calibration_images, random_state
         )
-        features = extractor._features()
+        features = self._feature_stage(extractor)
         patch_counts = features.patch_counts(sources)
         n_train_patches += int(patch_counts.sum())
         n_bank = math.ceil(self.coreset_ratio * n_train_patches) - len(earlier_bank)
@@ -612,7 +638,7 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
             random_state=int(random_state.randint(np.iinfo(np.int32).max)),
             device=features.device,
         )
-        model = PatchCoreModel(features, search, self.n_reweight_neighbors, self.sigma)
+        model = self._make_model(features, search)
         # Earlier bank entries belong to none of the new images.
         bank_images = np.concatenate([np.full(len(earlier_bank), -1), bank_images])
         scores, maxima, held_out, *maps = held_out_values(
@@ -657,6 +683,21 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         self.pixel_threshold_ = pixel_threshold
         self._fitted_params = self.get_params(deep=False)
         return self
+
+    def _feature_stage(self, extractor, fitted=False):
+        """The extractor's engine, giving unit vectors for the cosine distance."""
+        features = extractor._engine if fitted else extractor._features()
+        return UnitFeatures(features) if self.distance == "cosine" else features
+
+    def _make_model(self, features, search):
+        return PatchCoreModel(
+            features,
+            search,
+            self.n_reweight_neighbors,
+            self.sigma,
+            distance=self.distance,
+            image_score=self.image_score,
+        )
 
     def _check_unchanged_since_fit(self, action="predict"):
         """Refuse to go on with parameters that no longer describe the model."""
@@ -764,7 +805,7 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         if search is not None:
             # The extractor falls back to the CPU when the saved device is
             # missing here; the search follows it.
-            features = self.feature_extractor_._engine
+            features = self._feature_stage(self.feature_extractor_, fitted=True)
             self.device_ = features.device
             random_state, index = search
             search = MemoryBank(
@@ -774,9 +815,7 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
                 device=self.device_,
                 index=restore_index(index),
             )
-            self._model = PatchCoreModel(
-                features, search, self.n_reweight_neighbors, self.sigma
-            )
+            self._model = self._make_model(features, search)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

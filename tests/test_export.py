@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import FAST_PARAMS
 from PIL import Image
 from sklearn.exceptions import NotFittedError
 
@@ -284,3 +285,25 @@ def test_missing_onnx_packages_name_the_extra(fast_detector, monkeypatch, tmp_pa
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     with pytest.raises(ImportError, match=r'pip install "skpatchcore\[onnx\]"'):
         export_onnx(fast_detector, tmp_path / "detector.onnx")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(distance="cosine"),
+        dict(distance="cosine", image_score=0.05),
+        dict(image_score="max"),
+    ],
+)
+def test_export_follows_the_scoring_options(
+    options, elpv_small, model_inputs, tmp_path
+):
+    detector = PatchCoreDetector(**dict(FAST_PARAMS, **options))
+    detector.fit(elpv_small.train_images)
+    maps, scores = detector.anomaly_maps(model_inputs, return_score_samples=True)
+    path = export_torchscript(detector, tmp_path / "detector.pt")
+    # Cosine distances are below 2: an absolute 1e-4 would say little.
+    found_scores, found_maps = run_torchscript(path, model_inputs)
+    np.testing.assert_allclose(found_scores, scores, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(found_maps, np.stack(maps), rtol=1e-4, atol=1e-6)

@@ -15,11 +15,13 @@ import functools
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from .._bank.search import _RERANK_MARGIN
 from .._images import image_size_pair
+from .._scoring.distances import from_euclidean, top_mean
 from .._scoring.maps import axis_operator
 from .._scoring.reweighting import reweighted_scores, support_rows
 
@@ -64,6 +66,8 @@ class ScoringGraph(nn.Module):
         self.aggregator = copy.deepcopy(extractor._engine.aggregator).cpu()
         self.grid_shape = tuple(extractor.grid_shape_)
         self.input_shape = image_size_pair(extractor.image_size)
+        self.distance = detector.distance
+        self.image_score = detector.image_score
         bank = detector.memory_bank_
         self.n_support = min(detector.n_reweight_neighbors, len(bank))
         # Candidates measured again after the ranking by a matrix product:
@@ -104,6 +108,8 @@ class ScoringGraph(nn.Module):
         finally:
             self._outputs.clear()
         stacked = self.aggregator(maps, self.grid_shape)
+        if self.distance == "cosine":
+            stacked = F.normalize(stacked, dim=1, eps=1e-12)
         return stacked.flatten(2).transpose(1, 2)
 
     def _candidates(self, queries, n_candidates):
@@ -166,7 +172,7 @@ class ScoringGraph(nn.Module):
         return support_rows(centers, candidates, distances, self.n_support)
 
     def image_scores(self, features, distances, rows):
-        """Eq. 7 score of each image, as :func:`reweighted_scores` gives it.
+        """Score of each image, as the detector's ``image_score`` sets it.
 
         Parameters
         ----------
@@ -180,12 +186,16 @@ class ScoringGraph(nn.Module):
         scores : torch.Tensor of shape (n_images,)
             Anomaly scores, higher is more anomalous.
         """
+        if self.image_score != "reweighted":
+            fraction = 0.0 if self.image_score == "max" else self.image_score
+            return top_mean(distances, fraction)
         worst = torch.argmax(distances, dim=1, keepdim=True)
         m_test = torch.gather(
             features, 1, worst.unsqueeze(2).expand(-1, -1, features.shape[2])
         )
         support = self.support(torch.gather(rows, 1, worst).squeeze(1))
         support_distances = torch.linalg.vector_norm(self.bank[support] - m_test, dim=2)
+        support_distances = from_euclidean(support_distances, self.distance)
         if self.n_support == 1:
             # Decided here, not from a tensor's shape, which a trace records.
             return support_distances[:, 0]
@@ -224,6 +234,7 @@ class ScoringGraph(nn.Module):
         """
         features = self.patch_features(images)
         distances, rows = self.nearest(features)
+        distances = from_euclidean(distances, self.distance)
         return -self.image_scores(features, distances, rows), self.maps(distances)
 
 

@@ -24,13 +24,31 @@ class PatchCoreModel:
 
     sigma : float
         Gaussian smoothing of the maps, in model-input pixels.
+
+    distance : {"euclidean", "cosine"}, default="euclidean"
+        What patch distances measure. For "cosine", ``features`` must give
+        unit vectors (:class:`~skpatchcore._scoring.distances.UnitFeatures`)
+        and the bank must hold them.
+
+    image_score : {"reweighted", "max"} or float, default="reweighted"
+        How an image's patch distances become its score.
     """
 
-    def __init__(self, features, search, n_reweight_neighbors, sigma):
+    def __init__(
+        self,
+        features,
+        search,
+        n_reweight_neighbors,
+        sigma,
+        distance="euclidean",
+        image_score="reweighted",
+    ):
         self.features = features
         self.search = search
         self.n_reweight_neighbors = int(n_reweight_neighbors)
         self.sigma = float(sigma)
+        self.distance = distance
+        self.image_score = image_score
 
     @property
     def device(self):
@@ -43,8 +61,15 @@ class PatchCoreModel:
         return self
 
     def score(self, batch, exclude=None):
-        """Eq. 7 anomaly scores and patch distances; see :func:`score_batch`."""
-        return score_batch(batch, self.search, self.n_reweight_neighbors, exclude)
+        """Image anomaly scores and patch distances; see :func:`score_batch`."""
+        return score_batch(
+            batch,
+            self.search,
+            self.n_reweight_neighbors,
+            exclude,
+            distance=self.distance,
+            image_score=self.image_score,
+        )
 
     def input_maps(self, batch, distances):
         """Maps on each image's model input."""

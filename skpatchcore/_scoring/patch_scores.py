@@ -3,11 +3,20 @@
 import numpy as np
 import torch
 
+from .distances import from_euclidean, top_mean
 from .reweighting import reweighted_scores, support_rows
 
 
-def score_batch(batch, search, n_reweight_neighbors, exclude=None):
-    """Eq. 7 image scores and patch distances of a :class:`FeatureBatch`.
+def score_batch(
+    batch,
+    search,
+    n_reweight_neighbors,
+    exclude=None,
+    *,
+    distance="euclidean",
+    image_score="reweighted",
+):
+    """Image scores and patch distances of a :class:`FeatureBatch`.
 
     Parameters
     ----------
@@ -26,6 +35,14 @@ def score_batch(batch, search, n_reweight_neighbors, exclude=None):
         is the training image of the batch's ``i``-th image, and
         ``bank_images`` the training image of each bank entry.
 
+    distance : {"euclidean", "cosine"}, default="euclidean"
+        What the patch distances measure (:mod:`.distances`); the features
+        and the bank must be unit vectors for "cosine".
+
+    image_score : {"reweighted", "max"} or float, default="reweighted"
+        Eq. 7, the largest patch distance, or the mean of the largest
+        fraction of them.
+
     Returns
     -------
     scores : ndarray of shape (n_images,)
@@ -42,8 +59,20 @@ def score_batch(batch, search, n_reweight_neighbors, exclude=None):
         patch_groups = (np.repeat(images, batch.counts), bank_images)
         support_groups = (images, bank_images)
     distances, nearest = search.kneighbors(batch.rows, 1, patch_groups)
-    distances = distances[:, 0]
+    distances = from_euclidean(distances[:, 0], distance)
     per_image = np.split(distances, batch.starts[1:])
+    # Without any bank entry left to compare with, a distance is infinite.
+    unreachable = np.array([np.isinf(d).any() for d in per_image], dtype=bool)
+    if image_score != "reweighted":
+        fraction = 0.0 if image_score == "max" else image_score
+        scores = np.array(
+            [
+                float(top_mean(torch.from_numpy(d)[None].double(), fraction)[0])
+                for d in per_image
+            ]
+        )
+        scores[unreachable] = np.inf
+        return scores, distances
     worst = batch.starts + np.array([np.argmax(d) for d in per_image], dtype=np.int64)
     centers = nearest[worst, 0]
     n_support = min(n_reweight_neighbors, len(search))
@@ -60,7 +89,7 @@ def score_batch(batch, search, n_reweight_neighbors, exclude=None):
             n_support,
         ).numpy()
     support_distances = search.exact_distances(batch.rows[worst], support)
+    support_distances = from_euclidean(support_distances, distance)
     scores = reweighted_scores(torch.from_numpy(support_distances)).numpy()
-    # Without any bank entry left to compare with, a distance is infinite.
-    scores[np.array([np.isinf(d).any() for d in per_image], dtype=bool)] = np.inf
+    scores[unreachable] = np.inf
     return scores, distances

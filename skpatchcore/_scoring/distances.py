@@ -1,0 +1,75 @@
+"""Patch distances: Euclidean (the paper) or cosine (AnomalyDINO), and image pooling.
+
+The search always measures Euclidean distances. For the cosine distance the
+features are scaled to unit length first, so that the coreset, the search
+and the maps all see unit vectors, on which ``1 - cos(a, b) = |a - b|^2 / 2``:
+the same neighbours, and the distance a cosine search would report.
+"""
+
+import math
+
+import numpy as np
+import torch
+
+from .._feature_batch import FeatureBatch
+
+DISTANCES = ("euclidean", "cosine")
+
+# Below this length a feature is left as it is rather than blown up.
+_EPSILON = 1e-12
+
+
+def unit_rows(rows):
+    """``rows`` scaled to unit length (float32; all-zero rows stay zero)."""
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return (rows / np.maximum(norms, _EPSILON)).astype(np.float32, copy=False)
+
+
+def from_euclidean(distances, distance):
+    """Euclidean distances between (unit, for cosine) features in ``distance``."""
+    if distance == "cosine":
+        return distances * distances / 2
+    return distances
+
+
+def top_mean(distances, fraction):
+    """Mean of the largest ``fraction`` of each row's patch distances.
+
+    Parameters
+    ----------
+    distances : torch.Tensor of shape (n_images, n_patches)
+        Patch distances of images with equal numbers of patches.
+
+    fraction : float
+        In (0, 1]; at least one patch is taken.
+
+    Returns
+    -------
+    scores : torch.Tensor of shape (n_images,)
+    """
+    k = max(1, math.ceil(fraction * distances.shape[1]))
+    return torch.topk(distances, k, dim=1).values.mean(dim=1)
+
+
+class UnitFeatures:
+    """A feature stage whose patch features come out with unit length.
+
+    Wraps a :class:`PatchFeatures`; everything but :meth:`batches` is the
+    wrapped stage's.
+    """
+
+    def __init__(self, features):
+        self.features = features
+
+    def __getattr__(self, name):
+        return getattr(self.features, name)
+
+    def to(self, device):
+        self.features.to(device)
+        return self
+
+    def batches(self, sources, batch_size):
+        for batch in self.features.batches(sources, batch_size):
+            yield FeatureBatch(
+                unit_rows(batch.rows), batch.grid_shapes, batch.geometries
+            )
