@@ -37,9 +37,8 @@ from unittest import mock
 
 import numpy as np
 import torch
+from _internals import load_image, to_model_input
 from torch import nn
-
-from skpatchcore._images import load_image, to_model_input
 
 
 def preprocess(image, *, image_size, resize, mean, std, size_multiple=1):

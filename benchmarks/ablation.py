@@ -24,16 +24,22 @@ Usage, from the repository root::
 
 import argparse
 import copy
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import quality  # noqa: E402
+import quality
+from _common import (
+    ANOMALIB_PYTHON,
+    KOLEKTORSDD_FOLDER,
+    anomalib_status,
+    command_line,
+    load_dataset,
+    markdown_table,
+    print_run_facts,
+    split_choices,
+)
 
 DATASET = "kolektorsdd"
 ANOMALIB_BACKBONE = "efficientnet_lite0"
@@ -62,7 +68,7 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--kolektorsdd",
-        default=os.path.normpath(HERE.parent / ".." / "shared" / "data" / DATASET),
+        default=KOLEKTORSDD_FOLDER,
         help="MVTec-style folder of KolektorSDD",
     )
     parser.add_argument(
@@ -107,14 +113,14 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--anomalib-python",
-        default="/tmp/anomalib-venv/bin/python",
+        default=ANOMALIB_PYTHON,
         help="interpreter with anomalib installed (rows skipped when unusable)",
     )
     args = parser.parse_args(argv)
-    args.geometries = quality.split_choices(
+    args.geometries = split_choices(
         parser, "--geometries", args.geometries, quality.GEOMETRIES
     )
-    args.backbones = quality.split_choices(
+    args.backbones = split_choices(
         parser, "--backbones", args.backbones, quality.BACKBONES
     )
     try:
@@ -205,7 +211,7 @@ def ablation_table(rows, best_anomalib):
                 *quality.metric_cells(row),
             ]
         )
-    return quality.markdown_table((*headers, *quality.METRIC_HEADERS), cell_rows)
+    return markdown_table((*headers, *quality.METRIC_HEADERS), cell_rows)
 
 
 def _margins(best, reference):
@@ -223,19 +229,19 @@ def _margins(best, reference):
 def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
-    command = quality.command_line(__file__, argv)
+    command = command_line(__file__, argv)
     from skpatchcore.datasets import load_mvtec_folder
 
     data = load_mvtec_folder(args.kolektorsdd)
     n_train = min(args.train_size or len(data.train_images), len(data.train_images))
     n_test = args.n_test or len(data.test_images)
     base = worker_args(args, n_train, n_test)
-    _, _, labels, masks = quality.load_dataset(DATASET, base, lazy=True)
+    _, _, labels, masks = load_dataset(DATASET, base, lazy=True)
 
     notes = []
     anomalib_ok = bool(args.anomalib_runs)
     if anomalib_ok:
-        problem = quality.anomalib_status(args.anomalib_python)
+        problem = anomalib_status(args.anomalib_python)
         if problem is not None:
             anomalib_ok = False
             notes.append(f"anomalib rows skipped: {problem}.")
@@ -268,7 +274,7 @@ def main(argv=None):
             details.append(f"{name}: {line}")
             print(f"[ablation]   {_row_summary(row)}", flush=True)
 
-    quality.print_run_facts(
+    print_run_facts(
         command,
         f"KolektorSDD, {n_train} training images, {len(labels)} test images; "
         "each backbone at its native size "

@@ -9,23 +9,26 @@ TorchScript. It prints the largest differences from the detector's
 ``score_samples`` and model-input maps, the file sizes and the time per
 image of one run of each (after one warm-up image): timings move with the
 machine's load.
+
+Usage, from the repository root::
+
+    python benchmarks/export.py
+    python benchmarks/export.py --n-train 4 --n-test 2 --image-size 64
 """
 
 import argparse
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import onnxruntime
 import torch
+from _common import MPDD_FOLDER, markdown_table, timed
 from PIL import Image
 
 from skpatchcore import PatchCoreDetector
 from skpatchcore.export import export_onnx, export_torchscript
-
-MPDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "mpdd_metal_plate"
 
 
 def model_inputs(paths, side):
@@ -37,15 +40,9 @@ def model_inputs(paths, side):
     return np.stack([np.asarray(image, dtype=np.float32) / 255 for image in images])
 
 
-def timed(function):
-    start = time.perf_counter()
-    result = function()
-    return result, time.perf_counter() - start
-
-
-def main(n_train, n_test, side):
-    train = sorted((MPDD / "train" / "good").glob("*.png"))[:n_train]
-    test = sorted((MPDD / "test").glob("*/*.png"))
+def main(mpdd, n_train, n_test, side):
+    train = sorted((mpdd / "train" / "good").glob("*.png"))[:n_train]
+    test = sorted((mpdd / "test").glob("*/*.png"))
     test = test[:: max(1, len(test) // n_test)][:n_test]
     detector = PatchCoreDetector(
         backbone="efficientnet_lite0", image_size=side, resize=None, random_state=0
@@ -87,8 +84,6 @@ def main(n_train, n_test, side):
         f"{scores.max():.1f}, map values up to {maps.max():.1f}"
     )
     print()
-    print("| | detector | ONNX (onnxruntime) | TorchScript |")
-    print("|---|---|---|---|")
     score_row, map_row = [], []
     for outputs in (onnx_outputs, script_outputs):
         score_row.append(f"{np.abs(outputs[0] - scores).max():.1e}")
@@ -99,20 +94,25 @@ def main(n_train, n_test, side):
     }
     rows["file size (MB)"] = [f"{size:.2f}" for size in sizes]
     rows["export time (s)"] = [f"{export_time:.1f}", f"{script_export_time:.1f}"]
-    for name, values in rows.items():
-        print(f"| {name} | | {' | '.join(values)} |")
+    # The detector itself has no file and no export: its cells stay empty.
+    cell_rows = [[name, "", *values] for name, values in rows.items()]
     times = [detector_time, onnx_time, script_time]
-    print(
-        "| time per image (ms) | "
-        + " | ".join(f"{1e3 * t / len(test):.0f}" for t in times)
-        + " |"
+    cell_rows.append(
+        ["time per image (ms)", *(f"{1e3 * t / len(test):.0f}" for t in times)]
     )
+    headers = ("", "detector", "ONNX (onnxruntime)", "TorchScript")
+    print(markdown_table(headers, cell_rows))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--mpdd", default=MPDD_FOLDER, help="MVTec-style folder of MPDD metal_plate"
+    )
     parser.add_argument("--n-train", type=int, default=20)
     parser.add_argument("--n-test", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=224)
     args = parser.parse_args()
-    main(args.n_train, args.n_test, args.image_size)
+    if not Path(args.mpdd).is_dir():
+        parser.error(f"no MPDD folder {args.mpdd}")
+    main(Path(args.mpdd), args.n_train, args.n_test, args.image_size)

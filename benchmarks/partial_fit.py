@@ -11,6 +11,7 @@ bank size and the seconds of the last call.
 Usage, from the repository root::
 
     python benchmarks/partial_fit.py
+    python benchmarks/partial_fit.py --elpv-size 4 --n-test 2 --folder-subset
 """
 
 import argparse
@@ -20,13 +21,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-
-from quality import command_line, print_run_facts  # noqa: E402
-from scale import coverage_radius, load_cells  # noqa: E402
+from _common import (
+    MPDD_FOLDER,
+    command_line,
+    coverage_radius,
+    first_images,
+    load_cells,
+    markdown_row,
+    markdown_table,
+    print_run_facts,
+)
 
 
 def parse_args(argv=None):
@@ -34,12 +38,16 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--mpdd",
-        default=os.path.normpath(REPO / ".." / "shared" / "data" / "mpdd_metal_plate"),
-    )
+    parser.add_argument("--mpdd", default=MPDD_FOLDER)
     parser.add_argument("--elpv-size", type=int, default=600, help="A + B cells")
     parser.add_argument("--n-test", type=int, default=50, help="ELPV cells per class")
+    parser.add_argument(
+        "--folder-subset",
+        action="store_true",
+        help="cut MPDD to its first --elpv-size training images and --n-test "
+        "test images of each class too (plumbing checks); by default it is "
+        "used whole",
+    )
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -57,14 +65,10 @@ def data_sets(args):
 
     if Path(args.mpdd).is_dir():
         mpdd = load_mvtec_folder(args.mpdd)
-        yield (
-            "MPDD metal_plate",
-            mpdd.train_images,
-            mpdd.test_images,
-            mpdd.test_labels,
-            mpdd.test_masks,
-            256,
-        )
+        loaded = mpdd.train_images, mpdd.test_images, mpdd.test_labels, mpdd.test_masks
+        if args.folder_subset:
+            loaded = first_images(*loaded, args.elpv_size, args.n_test)
+        yield ("MPDD metal_plate", *loaded, 256)
     train, test, labels = load_cells(args.elpv_size, args)
     yield "ELPV cells", train, test, labels, None, None
 
@@ -89,11 +93,17 @@ def main(argv=None):
 
     args = parse_args(argv)
     command = command_line(__file__, argv)
-    header = (
-        "| data set | how | image AUROC | pixel AUROC | AUPRO | coverage radius "
-        "| bank | last call s |"
+    headers = (
+        "data set",
+        "how",
+        "image AUROC",
+        "pixel AUROC",
+        "AUPRO",
+        "coverage radius",
+        "bank",
+        "last call s",
     )
-    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+    rows = []
     for name, train, test, labels, masks, resize in data_sets(args):
         order = np.random.RandomState(args.seed).permutation(len(train))
         half = len(train) // 2
@@ -130,15 +140,15 @@ def main(argv=None):
                 str(row["bank"]),
                 f"{last:.0f}",
             ]
-            lines.append("| " + " | ".join(cells) + " |")
-            print(lines[-1], flush=True)
+            rows.append(cells)
+            print(markdown_row(cells), flush=True)
     print_run_facts(
         command,
         f"efficientnet_lite0, coreset_ratio {args.coreset_ratio}, seed "
         f"{args.seed}; MPDD resize 256 / crop 224, ELPV whole cell at 224",
     )
     print()
-    print("\n".join(lines))
+    print(markdown_table(headers, rows))
     return 0
 
 

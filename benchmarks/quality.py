@@ -22,13 +22,7 @@ Usage, from the repository root::
 """
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import resource
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,9 +30,20 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+from _common import (
+    ANOMALIB_PYTHON,
+    DATASETS,
+    add_folder_options,
+    anomalib_status,
+    command_line,
+    dataset_notes,
+    load_dataset,
+    markdown_table,
+    peak_rss_mib,
+    print_run_facts,
+    run_child,
+    split_choices,
+)
 
 # The input sizes each EfficientNet-Lite's weights were trained at:
 # (image_size, resize) of the paper's resize-then-crop.
@@ -55,13 +60,6 @@ GEOMETRIES = {
     "keep_aspect": "shorter side resized, longer in proportion, no crop",
 }
 METHODS = ("skpatchcore", "anomalib")
-DATASETS = {
-    "mpdd_metal_plate": "MPDD metal_plate",
-    "elpv_mono": "ELPV mono",
-    "elpv_poly": "ELPV poly",
-    "kolektorsdd": "KolektorSDD",
-}
-FOLDERS = {"mpdd_metal_plate": "mpdd", "kolektorsdd": "kolektorsdd"}
 
 
 def parse_args(argv=None):
@@ -69,16 +67,7 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--mpdd",
-        default=os.path.normpath(REPO / ".." / "shared" / "data" / "mpdd_metal_plate"),
-        help="MVTec-style folder of MPDD metal_plate (skipped when absent)",
-    )
-    parser.add_argument(
-        "--kolektorsdd",
-        default=os.path.normpath(REPO / ".." / "shared" / "data" / "kolektorsdd"),
-        help="MVTec-style folder of KolektorSDD (skipped when absent)",
-    )
+    add_folder_options(parser)
     parser.add_argument(
         "--datasets",
         default=",".join(DATASETS),
@@ -154,7 +143,7 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--anomalib-python",
-        default="/tmp/anomalib-venv/bin/python",
+        default=ANOMALIB_PYTHON,
         help="interpreter with anomalib installed (rows skipped when unusable)",
     )
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
@@ -172,87 +161,6 @@ def parse_args(argv=None):
     if args.image_size is not None and args.image_size < 1:
         parser.error("--image-size must be at least 1")
     return args
-
-
-def split_choices(parser, option, value, known):
-    """The comma-separated items of ``value``, each one of ``known``."""
-    chosen = [item.strip() for item in value.split(",") if item.strip()]
-    unknown = [item for item in chosen if item not in known]
-    if unknown or not chosen:
-        parser.error(f"{option} takes a comma-separated subset of {', '.join(known)}")
-    return chosen
-
-
-def load_dataset(name, args, lazy=False):
-    """Train images, test images, test labels (+1/-1) and test masks.
-
-    Images are uint8 arrays, or paths if ``lazy``. Masks are boolean arrays
-    (paths if ``lazy``) or None for a good image; the whole list is None when
-    the data set has no pixel ground truth.
-    """
-    from skpatchcore.datasets import load_elpv, load_mvtec_folder
-
-    if name in FOLDERS:
-        data = load_mvtec_folder(getattr(args, FOLDERS[name]), lazy=lazy)
-        train, test = data.train_images, data.test_images
-        labels, masks = data.test_labels, data.test_masks
-        if args.folder_subset:
-            train = train[: args.train_size]
-            keep = np.concatenate(
-                [np.flatnonzero(labels == c)[: args.n_test] for c in (1, -1)]
-            )
-            keep.sort()
-            test = [test[i] for i in keep]
-            labels, masks = labels[keep], [masks[i] for i in keep]
-        return train, test, labels, masks
-    data = load_elpv(
-        name.removeprefix("elpv_"),
-        train_size=args.train_size,
-        n_test_normal=args.n_test,
-        n_test_defective=args.n_test,
-        lazy=lazy,
-        random_state=args.seed,
-    )
-    return data.train_images, data.test_images, data.test_labels, None
-
-
-def dataset_notes(args):
-    """Data sets to run, and a note for each one skipped."""
-    runnable, notes = [], []
-    for name in args.datasets:
-        folder = getattr(args, FOLDERS[name]) if name in FOLDERS else None
-        if folder is not None and not Path(folder).is_dir():
-            notes.append(f"{DATASETS[name]} skipped: no folder {folder}.")
-            continue
-        if name.startswith("elpv"):
-            try:
-                import elpv_dataset  # noqa: F401
-            except ImportError:
-                notes.append(
-                    f"{DATASETS[name]} skipped: the elpv-dataset package is not "
-                    "installed."
-                )
-                continue
-        runnable.append(name)
-    return runnable, notes
-
-
-def anomalib_status(python):
-    """None when ``python`` imports anomalib, else why it cannot be used."""
-    if not Path(python).is_file():
-        return f"no interpreter {python}"
-    check = subprocess.run(
-        [python, "-c", "import anomalib; print(anomalib.__version__)"],
-        capture_output=True,
-        text=True,
-    )
-    if check.returncode != 0:
-        return f"{python} cannot import anomalib"
-    return None
-
-
-def _peak_rss_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def input_settings(backbone, geometry, image_size=None):
@@ -334,10 +242,7 @@ def _size_multiple(backbone, settings):
 
 def _fit_predict_anomalib(train, test, args):
     from _anomalib_runner import fit_anomalib_patchcore, predict_anomalib_patchcore
-    from skpatchcore._anomaly_maps import to_original_geometry
-
-    from skpatchcore._features.backbones import load_backbone
-    from skpatchcore._images import input_geometry
+    from _internals import input_geometry, load_backbone, to_original_geometry
 
     start = time.perf_counter()
     settings = input_settings(args.backbone, args.geometry, args.image_size)
@@ -399,7 +304,6 @@ def worker(args):
     import torch
 
     if method == "anomalib":
-        sys.path.insert(0, str(HERE))
         with warnings.catch_warnings():
             # anomalib's imports warn about deprecated timm/dinov2 modules.
             warnings.simplefilter("ignore", FutureWarning)
@@ -411,10 +315,10 @@ def worker(args):
 
         version = skpatchcore.__version__
     train, test, labels, masks = load_dataset(dataset, args)
-    baseline_mib = _peak_rss_mib()
+    baseline_mib = peak_rss_mib()
     run = _fit_predict_skpatchcore if method == "skpatchcore" else _fit_predict_anomalib
     result = run(train, test, args)
-    result["peak_rss_in_run_mib"] = _peak_rss_mib()
+    result["peak_rss_in_run_mib"] = peak_rss_mib()
     if masks is not None:
         np.savez(out / "maps.npz", *result["maps"])
     np.save(out / "scores.npy", np.asarray(result.pop("scores"), dtype=np.float64))
@@ -469,17 +373,6 @@ def _worker_command(python, dataset, method, out, args):
     if args.folder_subset:
         command.append("--folder-subset")
     return command
-
-
-def run_child(command):
-    """Run ``command``; return its exit code, wall seconds and peak RSS (MiB)."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO)
-    # wait4 gives the resource usage of this child alone (RUSAGE_CHILDREN
-    # would be the maximum over every child so far).
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return process.returncode, time.perf_counter() - start, usage.ru_maxrss / 1024.0
 
 
 def run_row(dataset, method, args, python, out, labels, masks):
@@ -554,13 +447,6 @@ def metric_cells(row):
     ]
 
 
-def markdown_table(headers, cell_rows):
-    """A markdown table of ``headers`` over rows of string cells."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in cell_rows]
-    return "\n".join(lines)
-
-
 def model_note(backbone, geometry, image_size=None, layers=None):
     """The backbone and input geometry, as the settings line gives them."""
     names = NATIVE_SIZES if backbone == ENSEMBLE else [backbone]
@@ -591,35 +477,6 @@ def run_settings(args):
     )
 
 
-def command_line(script, argv):
-    """How ``script`` was run with ``argv`` (None: this process's arguments)."""
-    arguments = sys.argv[1:] if argv is None else argv
-    return "python " + shlex.join([os.path.relpath(script, REPO), *arguments])
-
-
-def print_run_facts(command, settings):
-    """Print the date, command, machine and settings lines above a table."""
-    print()
-    print(f"Date: {datetime.date.today().isoformat()}")
-    print(f"Command: {command}")
-    print(f"Machine: {machine_note()}")
-    print(f"Settings: {settings}")
-
-
-def machine_note():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as file:
-            for line in file:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return f"{cpu}, {cores or os.cpu_count()} usable cores, {platform.platform()}"
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
@@ -627,7 +484,7 @@ def main(argv=None):
         return 0
     started = time.perf_counter()
     command = command_line(__file__, argv)
-    datasets, notes = dataset_notes(args)
+    datasets, notes = dataset_notes(args.datasets, args)
     methods = list(args.methods)
     if "anomalib" in methods:
         problem = anomalib_status(args.anomalib_python)

@@ -34,16 +34,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-
-from quality import command_line, print_run_facts, run_child  # noqa: E402
+from _common import (
+    ANOMALIB_PYTHON,
+    anomalib_status,
+    command_line,
+    coverage_radius,
+    int_list,
+    load_cells,
+    markdown_row,
+    markdown_table,
+    print_run_facts,
+    run_child,
+)
 
 IMAGE_SIZE = 224
-# Images added by one partial_fit call after each fit.
-PARTIAL_IMAGES = 100
 # Test cells timed in the rows with random weights, which have no AUROC.
 SPEED_ONLY_TEST_IMAGES = 10
 
@@ -54,25 +58,22 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
 
-    def sizes(text):
-        return [int(item) for item in text.split(",") if item.strip()]
-
-    parser.add_argument("--sizes", type=sizes, default=[100, 300, 1000, 2624, 10000])
-    parser.add_argument("--exact-sizes", type=sizes, default=[100, 300])
+    parser.add_argument("--sizes", type=int_list, default=[100, 300, 1000, 2624, 10000])
+    parser.add_argument("--exact-sizes", type=int_list, default=[100, 300])
     parser.add_argument(
         "--chunk-sizes",
-        type=sizes,
+        type=int_list,
         default=[],
         help="coreset_chunk_size of the partitioned rows; default: the detector's",
     )
     parser.add_argument(
         "--radius-sizes",
-        type=sizes,
+        type=int_list,
         default=[],
         help="N at which every row also reports its coverage radius "
         "(always at --exact-sizes)",
     )
-    parser.add_argument("--anomalib-sizes", type=sizes, default=[100])
+    parser.add_argument("--anomalib-sizes", type=int_list, default=[100])
     parser.add_argument(
         "--wrn-size", type=int, default=10000, help="0 leaves the row out"
     )
@@ -86,6 +87,13 @@ def parse_args(argv=None):
     )
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
     parser.add_argument("--n-test", type=int, default=50, help="test cells per class")
+    parser.add_argument(
+        "--partial-images",
+        type=int,
+        default=100,
+        help="images added by one partial_fit call after each fit; 0 leaves "
+        "the call out",
+    )
     parser.add_argument("--n-jobs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -93,51 +101,10 @@ def parse_args(argv=None):
         default=os.path.join(tempfile.gettempdir(), "skpatchcore-scale-cells"),
         help="folder for the flipped and rotated training cells",
     )
-    parser.add_argument("--anomalib-python", default="/tmp/anomalib-venv/bin/python")
+    parser.add_argument("--anomalib-python", default=ANOMALIB_PYTHON)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
-
-
-def load_cells(n_train, args):
-    """N training cell paths (copies beyond the good cells), test paths, labels."""
-    from PIL import Image
-
-    from skpatchcore.datasets import _read_elpv_labels, load_elpv
-
-    n_normal = int(np.sum(_read_elpv_labels()[1] == 0))
-    # Every good cell but n_test goes to the training pool.
-    data = load_elpv(
-        "all",
-        train_size=n_normal - args.n_test,
-        n_test_normal=args.n_test,
-        n_test_defective=args.n_test,
-        random_state=args.seed,
-    )
-    pool = [Path(p) for p in data.train_images]
-    pool = [pool[i] for i in np.random.RandomState(args.seed).permutation(len(pool))]
-    train = pool[:n_train]
-    transforms = [
-        Image.Transpose.FLIP_LEFT_RIGHT,
-        Image.Transpose.FLIP_TOP_BOTTOM,
-        Image.Transpose.ROTATE_90,
-        Image.Transpose.ROTATE_180,
-        Image.Transpose.ROTATE_270,
-        Image.Transpose.TRANSPOSE,
-        Image.Transpose.TRANSVERSE,
-    ]
-    cache = Path(args.cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    for k in range(n_train - len(train)):
-        transform, source = transforms[k // len(pool)], pool[k % len(pool)]
-        path = cache / f"{source.stem}-{transform.name.lower()}.png"
-        if not path.exists():
-            with Image.open(source) as image:
-                image.transpose(transform).save(path)
-        train.append(path)
-    if len(train) < n_train:
-        raise ValueError(f"at most {8 * len(pool)} training cells can be made")
-    return train, data.test_images, data.test_labels
 
 
 def _timed(owner, name, totals, key):
@@ -152,17 +119,6 @@ def _timed(owner, name, totals, key):
             totals[key] += time.perf_counter() - start
 
     setattr(owner, name, wrapper)
-
-
-def coverage_radius(detector, train):
-    """Largest distance of any training patch to its nearest bank feature."""
-    radius = 0.0
-    for features, _ in detector.feature_extractor_.iter_batches(train):
-        distances, _ = detector._model.search.kneighbors(
-            features.reshape(-1, features.shape[-1]), 1
-        )
-        radius = max(radius, float(distances.max()))
-    return radius
 
 
 def worker(args):
@@ -183,13 +139,13 @@ def worker(args):
 
 
 def _skpatchcore_row(spec, train, test, args):
-    from skpatchcore import PatchCoreDetector
-    from skpatchcore._bank.builder import BankBuilder
+    from _internals import FIT_STAGES
 
-    totals = dict(build=0.0, features=0.0, calibration=0.0)
-    _timed(BankBuilder, "build", totals, "build")
-    _timed(BankBuilder, "_extract", totals, "features")
-    _timed(PatchCoreDetector, "_held_out_scores", totals, "calibration")
+    from skpatchcore import PatchCoreDetector
+
+    totals = dict.fromkeys(FIT_STAGES, 0.0)
+    for stage, (owner, method) in FIT_STAGES.items():
+        _timed(owner, method, totals, stage)
     detector = PatchCoreDetector(
         backbone=spec["backbone"],
         weights=spec["weights"],
@@ -225,10 +181,11 @@ def _skpatchcore_row(spec, train, test, args):
     }
     if spec.get("radius"):
         result["coverage_radius"] = coverage_radius(detector, train)
-    if "calibration_images" in spec:
-        # A speed-and-memory row: partial_fit would only repeat its costs.
+    if "calibration_images" in spec or not args.partial_images:
+        # Also left out of the speed-and-memory row, where partial_fit would
+        # only repeat its costs.
         return result
-    more = load_cells(len(train) + PARTIAL_IMAGES, args)[0][len(train) :]
+    more = load_cells(len(train) + args.partial_images, args)[0][len(train) :]
     start = time.perf_counter()
     detector.partial_fit(more)
     result["partial_fit_seconds"] = time.perf_counter() - start
@@ -237,9 +194,8 @@ def _skpatchcore_row(spec, train, test, args):
 
 def _anomalib_row(train, test, args):
     from _anomalib_runner import fit_anomalib_patchcore, predict_anomalib_patchcore
+    from _internals import load_backbone
     from PIL import Image
-
-    from skpatchcore._features.backbones import load_backbone
 
     # The runner takes decoded images (N is small where anomalib runs).
     train, test = ([np.asarray(Image.open(p)) for p in s] for s in (train, test))
@@ -327,20 +283,34 @@ def main(argv=None):
         return 0
     started = time.perf_counter()
     command = command_line(__file__, argv)
-    anomalib_ok = Path(args.anomalib_python).is_file()
-    header = (
-        "| N images | method | fit s | fit ms/img | features s | coreset s "
-        "| calibration s | peak MiB | bank | predict ms/img | image AUROC "
-        "| coverage radius | partial_fit +100 s |"
+    specs = row_specs(args)
+    anomalib_problem = None
+    if any(spec["method"] == "anomalib" for spec in specs):
+        anomalib_problem = anomalib_status(args.anomalib_python)
+    headers = (
+        "N images",
+        "method",
+        "fit s",
+        "fit ms/img",
+        "features s",
+        "coreset s",
+        "calibration s",
+        "peak MiB",
+        "bank",
+        "predict ms/img",
+        "image AUROC",
+        "coverage radius",
+        f"partial_fit +{args.partial_images} s",
     )
-    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
-    notes = []
+    rows, notes = [], []
     from skpatchcore.metrics import image_auroc
 
     with tempfile.TemporaryDirectory(prefix="skpatchcore-scale-") as tmp:
-        for number, spec in enumerate(row_specs(args)):
-            if spec["method"] == "anomalib" and not anomalib_ok:
-                notes.append(f"anomalib at N={spec['n_train']} skipped: no interpreter")
+        for number, spec in enumerate(specs):
+            if spec["method"] == "anomalib" and anomalib_problem is not None:
+                notes.append(
+                    f"anomalib at N={spec['n_train']} skipped: {anomalib_problem}"
+                )
                 continue
             out = Path(tmp) / str(number)
             out.mkdir()
@@ -393,8 +363,8 @@ def main(argv=None):
                 if "partial_fit_seconds" in result
                 else "—",
             ]
-            lines.append("| " + " | ".join(cells) + " |")
-            print(lines[-1], flush=True)
+            rows.append(cells)
+            print(markdown_row(cells), flush=True)
 
     print_run_facts(
         command,
@@ -404,7 +374,7 @@ def main(argv=None):
         "cells",
     )
     print()
-    print("\n".join(lines))
+    print(markdown_table(headers, rows))
     for note in notes:
         print(f"- {note}")
     print(f"\nTotal run time: {time.perf_counter() - started:.0f} s")
@@ -412,7 +382,8 @@ def main(argv=None):
 
 
 def _forwarded(args):
-    for name in ("coreset_ratio", "n_test", "n_jobs", "seed", "cache"):
+    names = ("coreset_ratio", "n_test", "partial_images", "n_jobs", "seed", "cache")
+    for name in names:
         yield name.replace("_", "-"), getattr(args, name)
 
 

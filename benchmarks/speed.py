@@ -27,7 +27,7 @@ each with side-by-side timings and their ratio, measured in this one run.
   ``--ranking-bank`` patches, the patches of 16 test cells as queries;
   whether the neighbours and distances are identical); selecting each
   query's candidates by ``torch.topk`` over every bank row against
-  :func:`~skpatchcore._bank.selection.smallest_per_row`, and ranking tiles of
+  the bank's ``smallest_per_row``, and ranking tiles of
   2,048 queries against 1,024 (same inputs, int8 ranking); the Lite0
   backbone with its batch norms folded into the convolutions against the
   backbone as loaded (16 images; the largest feature difference), its
@@ -36,7 +36,7 @@ each with side-by-side timings and their ratio, measured in this one run.
   against passes of a few (``_CPU_PIXELS_PER_THREAD``); anomaly maps of 16
   grids of patch distances upsampled and Gaussian-filtered map by map
   (SciPy) against one operator matrix per axis
-  (:func:`~skpatchcore._anomaly_maps.model_input_maps`).
+  (the package's ``model_input_maps``).
 
 Usage, from the repository root::
 
@@ -48,32 +48,36 @@ Usage, from the repository root::
 import argparse
 import copy
 import math
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-from skpatchcore._bank.coreset import _greedy_steps
-from skpatchcore._bank.search import MemoryBank
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from _common import (
+    alternating,
+    best_of,
+    command_line,
+    int_list,
+    load_cells,
+    markdown_table,
+    print_run_facts,
+)
+from _internals import (
+    CANDIDATE_SELECTION,
+    CPU_PIXELS_PER_THREAD,
+    INT8_RANKING,
+    QUERY_TILE,
+    MemoryBank,
+    SamePaddingConv2d,
+    extractor_networks,
+    greedy_steps,
+    model_input_maps,
+    score_features,
+)
 
 PATCHES_PER_CELL = 784
 # Test cells per scoring call: PatchCoreDetector's default batch_size.
 SCORE_BATCH = 16
-
-
-def best_of(repeats, function):
-    """Smallest wall time of ``repeats`` calls, in seconds."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def coreset_table(n_points, dim, ratio, repeats):
@@ -86,15 +90,15 @@ def coreset_table(n_points, dim, ratio, repeats):
     def run(threads):
         torch.set_num_threads(threads)
         try:
-            return best_of(repeats, lambda: _greedy_steps(points, n_samples, 0))
+            return best_of(repeats, lambda: greedy_steps(points, n_samples, 0))
         finally:
             torch.set_num_threads(default_threads)
 
     one, default = run(1), run(default_threads)
     print(f"\n### Greedy coreset: {n_points} x {dim} points, {n_samples} chosen\n")
-    print("| one thread (s) | default threads (s) | default / one |")
-    print("|---:|---:|---:|")
-    print(f"| {one:.2f} | {default:.2f} ({default_threads}) | {default / one:.2f} |")
+    headers = ("one thread (s)", "default threads (s)", "default / one")
+    cells = (f"{one:.2f}", f"{default:.2f} ({default_threads})", f"{default / one:.2f}")
+    print(markdown_table(headers, [cells], align="rrr"))
 
 
 def search_table(n_bank, n_queries, dim, repeats):
@@ -112,15 +116,21 @@ def search_table(n_bank, n_queries, dim, repeats):
         exact.kneighbors(queries, 1)[1] == approximate.kneighbors(queries, 1)[1]
     )
     print(f"\n### 1-NN search: bank {n_bank} x {dim}, {n_queries} queries\n")
-    print(
-        "| exact (s) | pynndescent (s) | exact / pynndescent | "
-        "same neighbour | index build (s) |"
+    headers = (
+        "exact (s)",
+        "pynndescent (s)",
+        "exact / pynndescent",
+        "same neighbour",
+        "index build (s)",
     )
-    print("|---:|---:|---:|---:|---:|")
-    print(
-        f"| {t_exact:.3f} | {t_approx:.3f} | {t_exact / t_approx:.2f} | "
-        f"{agree:.3f} | {build:.1f} |"
+    cells = (
+        f"{t_exact:.3f}",
+        f"{t_approx:.3f}",
+        f"{t_exact / t_approx:.2f}",
+        f"{agree:.3f}",
+        f"{build:.1f}",
     )
+    print(markdown_table(headers, [cells], align="rrrrr"))
 
 
 def cell_features(n_cells, args):
@@ -130,8 +140,6 @@ def cell_features(n_cells, args):
     and (n_test, 28, 28, 152), and the test labels (+1 good, -1 defective).
     The features are kept in ``--cache`` and read from there next time.
     """
-    from scale import load_cells
-
     from skpatchcore import PatchFeatureExtractor
 
     cache = Path(args.cache)
@@ -171,13 +179,14 @@ class RecordingBank:
             self.nearest.append(distances[:, 0])
         return distances, indices
 
+    def __len__(self):
+        return len(self.bank)
+
     def exact_distances(self, queries, indices):
         return self.bank.exact_distances(queries, indices)
 
 
 def index_table(args):
-    from quality import command_line, print_run_facts
-
     from skpatchcore import PatchCoreDetector
     from skpatchcore.metrics import image_auroc
 
@@ -232,7 +241,7 @@ def index_table(args):
             # searches alike.
             for name, searcher in searchers.items():
                 start = time.perf_counter()
-                batch_scores, _ = scorer._score_features(searcher, features)
+                batch_scores, _ = score_features(scorer, searcher, features)
                 seconds[name] += time.perf_counter() - start
                 scores[name].append(batch_scores)
         scores = {name: np.concatenate(found) for name, found in scores.items()}
@@ -269,14 +278,20 @@ def index_table(args):
         f"\n### Approximate search on real patch features: {len(test)} ELPV "
         f"test cells, {test.shape[1] * test.shape[2]} patches each\n"
     )
-    print(
-        "| bank | index | build (s) | exact ms/img | index ms/img | speedup | "
-        "recall@1 | max score diff | AUROC exact | AUROC index | "
-        "break-even images |"
+    headers = (
+        "bank",
+        "index",
+        "build (s)",
+        "exact ms/img",
+        "index ms/img",
+        "speedup",
+        "recall@1",
+        "max score diff",
+        "AUROC exact",
+        "AUROC index",
+        "break-even images",
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print(markdown_table(headers, rows, align="rlrrrrrrrrr"))
 
 
 def with_padded_inputs(network):
@@ -285,12 +300,10 @@ def with_padded_inputs(network):
     Each ``_SamePaddingConv2d`` of stride 2 becomes a plain convolution
     without padding, for which ``_ConvBN`` pads the input instead.
     """
-    from skpatchcore._features.efficientnet_lite import _SamePaddingConv2d
-
     copied = copy.deepcopy(network)
     for module in copied.modules():
         conv = getattr(module, "conv", None)
-        if isinstance(conv, _SamePaddingConv2d) and conv.stride[0] == 2:
+        if isinstance(conv, SamePaddingConv2d) and conv.stride[0] == 2:
             plain = torch.nn.Conv2d(
                 conv.in_channels,
                 conv.out_channels,
@@ -303,20 +316,6 @@ def with_padded_inputs(network):
             plain.load_state_dict(conv.state_dict())
             module.conv = plain.to(memory_format=torch.channels_last)
     return copied
-
-
-def alternating(repeats, variants):
-    """Best wall time and last result of each variant, their passes alternating.
-
-    ``variants`` maps a name to a function of no arguments.
-    """
-    times, found = {name: [] for name in variants}, {}
-    for _ in range(repeats):
-        for name, run in variants.items():
-            start = time.perf_counter()
-            found[name] = run()
-            times[name].append(time.perf_counter() - start)
-    return {name: min(t) for name, t in times.items()}, found
 
 
 def _with_setting(module, name, value, run):
@@ -369,8 +368,7 @@ def prediction_table(args):
     per-axis operators; the passes alternate, and the best of ``--repeats``
     is kept for each.
     """
-    from skpatchcore import PatchFeatureExtractor, _anomaly_maps, _feature_extractor
-    from skpatchcore._bank import search as bank_search
+    from skpatchcore import PatchFeatureExtractor
 
     n_cells = -(-args.ranking_bank // PATCHES_PER_CELL)
     train, test, _ = cell_features(n_cells, args)
@@ -386,7 +384,7 @@ def prediction_table(args):
     best, found = alternating(
         args.repeats,
         {
-            "float32": _with_setting(bank_search, "_INT8_RANKING", False, search),
+            "float32": _with_setting(*INT8_RANKING, False, search),
             "int8": search,
         },
     )
@@ -408,9 +406,7 @@ def prediction_table(args):
     best, found = alternating(
         args.repeats,
         {
-            "topk": _with_setting(
-                bank_search, "smallest_per_row", topk_per_row, search
-            ),
+            "topk": _with_setting(*CANDIDATE_SELECTION, topk_per_row, search),
             "spans": search,
         },
     )
@@ -427,8 +423,8 @@ def prediction_table(args):
     best, found = alternating(
         args.repeats,
         {
-            "2048": _with_setting(bank_search, "_QUERY_TILE", 2048, search),
-            "1024": _with_setting(bank_search, "_QUERY_TILE", 1024, search),
+            "2048": _with_setting(*QUERY_TILE, 2048, search),
+            "1024": _with_setting(*QUERY_TILE, 1024, search),
         },
     )
     rows.append(
@@ -447,11 +443,11 @@ def prediction_table(args):
     ).fit()
     images = np.random.default_rng(args.seed).random((SCORE_BATCH, 224, 224, 3))
     images = images.astype(np.float32)
-    folded, loaded = extractor._network, extractor.model_
+    folded, loaded, network_holder = extractor_networks(extractor)
 
     def features(network):
         return _with_setting(
-            extractor, "_network", network, lambda: extractor.transform(images)
+            *network_holder, network, lambda: extractor.transform(images)
         )
 
     best, found = alternating(
@@ -493,15 +489,12 @@ def prediction_table(args):
         args.repeats,
         {
             "batch": _with_setting(
-                _feature_extractor,
-                "_CPU_PIXELS_PER_THREAD",
-                whole_batch,
-                features(folded),
+                *CPU_PIXELS_PER_THREAD, whole_batch, features(folded)
             ),
             "few": features(folded),
         },
     )
-    pixels = _feature_extractor._CPU_PIXELS_PER_THREAD * torch.get_num_threads()
+    pixels = getattr(*CPU_PIXELS_PER_THREAD) * torch.get_num_threads()
     per_pass = min(SCORE_BATCH, pixels // (224 * 224))
     rows.append(
         (
@@ -521,7 +514,7 @@ def prediction_table(args):
         args.repeats,
         {
             "filtered": lambda: filtered_maps(grids, 224, sigma),
-            "operators": lambda: _anomaly_maps.model_input_maps(grids, 224, sigma),
+            "operators": lambda: model_input_maps(grids, 224, sigma),
         },
     )
     largest = np.abs(found["filtered"]).max()
@@ -537,18 +530,33 @@ def prediction_table(args):
         )
     )
     print(f"\n### Prediction stages on the CPU (best of {args.repeats})\n")
-    print("| stage | before | after | before ms/img | after ms/img | ratio | same |")
-    print("|---|---|---|---:|---:|---:|---|")
 
     def per_image(seconds):
         milliseconds = 1000 * seconds / SCORE_BATCH
         return f"{milliseconds:.2f}" if milliseconds < 1 else f"{milliseconds:.1f}"
 
-    for stage, before, after, t_before, t_after, same in rows:
-        print(
-            f"| {stage} | {before} | {after} | {per_image(t_before)} "
-            f"| {per_image(t_after)} | {t_before / t_after:.2f} | {same} |"
-        )
+    headers = (
+        "stage",
+        "before",
+        "after",
+        "before ms/img",
+        "after ms/img",
+        "ratio",
+        "same",
+    )
+    cell_rows = [
+        [
+            stage,
+            before,
+            after,
+            per_image(t_before),
+            per_image(t_after),
+            f"{t_before / t_after:.2f}",
+            same,
+        ]
+        for stage, before, after, t_before, t_after, same in rows
+    ]
+    print(markdown_table(headers, cell_rows, align="lllrrrl"))
 
 
 def main():
@@ -556,9 +564,6 @@ def main():
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-
-    def sizes(text):
-        return [int(item) for item in text.split(",") if item.strip()]
 
     parser.add_argument(
         "--parts",
@@ -579,13 +584,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--bank-sizes",
-        type=sizes,
+        type=int_list,
         default=[10000, 30000, 100000, 1000000],
         help="memory-bank sizes of the index table, in patches",
     )
     parser.add_argument(
         "--pynndescent-sizes",
-        type=sizes,
+        type=int_list,
         default=[10000, 100000],
         help="bank sizes at which pynndescent is measured too",
     )

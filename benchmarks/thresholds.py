@@ -22,31 +22,29 @@ Usage, from the repository root::
 
     python benchmarks/thresholds.py
     python benchmarks/thresholds.py --datasets elpv_mono --train-size 10 --n-test 5
+    python benchmarks/thresholds.py --datasets elpv_mono,mpdd_metal_plate \\
+        --folder-subset --train-size 4 --n-test 2   # plumbing check
 """
 
 import argparse
-import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
+from _common import (
+    DATASETS,
+    add_folder_options,
+    command_line,
+    dataset_notes,
+    load_dataset,
+    markdown_table,
+    print_run_facts,
+    split_choices,
+)
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from quality import command_line, print_run_facts  # noqa: E402
-
-REPO = HERE.parent
-DATA = REPO / ".." / "shared" / "data"
 BACKBONE = "efficientnet_lite0"
-DATASETS = {
-    "elpv_mono": "ELPV mono",
-    "elpv_poly": "ELPV poly",
-    "mpdd_metal_plate": "MPDD metal_plate",
-    "kolektorsdd": "KolektorSDD",
-}
-FOLDERS = {"mpdd_metal_plate": "--mpdd", "kolektorsdd": "--kolektorsdd"}
+# The columns' order when --datasets is not given.
+DEFAULT_DATASETS = ("elpv_mono", "elpv_poly", "mpdd_metal_plate", "kolektorsdd")
 
 
 def _quantile(q):
@@ -93,19 +91,10 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--datasets",
-        default=",".join(DATASETS),
-        help=f"comma-separated subset of {', '.join(DATASETS)}",
+        default=",".join(DEFAULT_DATASETS),
+        help=f"comma-separated subset of {', '.join(DEFAULT_DATASETS)}",
     )
-    parser.add_argument(
-        "--mpdd",
-        default=os.path.normpath(DATA / "mpdd_metal_plate"),
-        help="MVTec-style folder of MPDD metal_plate (skipped when absent)",
-    )
-    parser.add_argument(
-        "--kolektorsdd",
-        default=os.path.normpath(DATA / "kolektorsdd"),
-        help="MVTec-style folder of KolektorSDD (skipped when absent)",
-    )
+    add_folder_options(parser)
     parser.add_argument(
         "--train-size", type=int, default=100, help="normal ELPV cells to train on"
     )
@@ -115,47 +104,29 @@ def parse_args(argv=None):
         default=50,
         help="ELPV test cells of each class, normal and defective",
     )
+    parser.add_argument(
+        "--folder-subset",
+        action="store_true",
+        help="cut MPDD and KolektorSDD to their first --train-size training "
+        "images and --n-test test images of each class too (plumbing checks); "
+        "by default they are used whole",
+    )
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
         "--seed", type=int, default=0, help="random_state and the ELPV split"
     )
     args = parser.parse_args(argv)
-    args.datasets = [item.strip() for item in args.datasets.split(",") if item]
-    unknown = [item for item in args.datasets if item not in DATASETS]
-    if unknown or not args.datasets:
-        parser.error(
-            f"--datasets takes a comma-separated subset of {', '.join(DATASETS)}"
-        )
+    args.datasets = split_choices(
+        parser, "--datasets", args.datasets, DEFAULT_DATASETS
+    )
     for name in ("train_size", "n_test", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
 
 
-def load_dataset(name, args):
-    """The data set as lazy paths, or None (and why) when it is not there."""
-    from skpatchcore.datasets import load_elpv, load_mvtec_folder
-
-    if name in FOLDERS:
-        folder = getattr(args, FOLDERS[name].removeprefix("--"))
-        if not Path(folder).is_dir():
-            return None, f"{DATASETS[name]} skipped: no folder {folder}."
-        return load_mvtec_folder(folder), None
-    try:
-        data = load_elpv(
-            name.removeprefix("elpv_"),
-            train_size=args.train_size,
-            n_test_normal=args.n_test,
-            n_test_defective=args.n_test,
-            random_state=args.seed,
-        )
-    except ImportError:
-        return None, f"{DATASETS[name]} skipped: elpv-dataset is not installed."
-    return data, None
-
-
-def measure(data, args):
+def measure(train, test, masks, args):
     """One fit, one pass over the test images; what every rule needs.
 
     Returns the fitted detector, the test ``score_samples``, the sorted map
@@ -173,18 +144,18 @@ def measure(data, args):
         random_state=args.seed,
     )
     start = time.perf_counter()
-    detector.fit(data.train_images)
+    detector.fit(train)
     fit_seconds = time.perf_counter() - start
-    if not any(mask is not None for mask in data.test_masks):
-        return detector, detector.score_samples(data.test_images), None, fit_seconds
+    if masks is None:
+        return detector, detector.score_samples(test), None, fit_seconds
     scores, normal, defect = [], [], []
-    for start in range(0, len(data.test_images), args.batch_size):
+    for start in range(0, len(test), args.batch_size):
         batch = slice(start, start + args.batch_size)
         maps, batch_scores = detector.anomaly_maps(
-            data.test_images[batch], return_score_samples=True
+            test[batch], return_score_samples=True
         )
         scores.append(batch_scores)
-        for anomaly_map, mask in zip(maps, data.test_masks[batch]):
+        for anomaly_map, mask in zip(maps, masks[batch]):
             mask = load_mask(mask, anomaly_map.shape)
             normal.append(anomaly_map[~mask])
             defect.append(anomaly_map[mask])
@@ -228,31 +199,22 @@ def rule_cells(detector, scores, pixels, labels):
     return cells
 
 
-def markdown_table(header, rows):
-    lines = ["| " + " | ".join(header) + " |"]
-    lines.append("|" + "|".join("---" for _ in header) + "|")
-    lines.extend("| " + " | ".join(row) + " |" for row in rows)
-    return "\n".join(lines)
-
-
 def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
     command = command_line(__file__, argv)
-    columns, notes = {}, []
-    for name in args.datasets:
-        data, skipped = load_dataset(name, args)
-        if data is None:
-            notes.append(skipped)
-            continue
+    columns = {}
+    datasets, notes = dataset_notes(args.datasets, args)
+    for name in datasets:
+        train, test, labels, masks = load_dataset(name, args, lazy=True)
         print(f"[thresholds] {DATASETS[name]} ...", flush=True)
-        detector, scores, pixels, fit_seconds = measure(data, args)
-        columns[name] = rule_cells(detector, scores, pixels, data.test_labels)
-        n_defective = int((data.test_labels == -1).sum())
+        detector, scores, pixels, fit_seconds = measure(train, test, masks, args)
+        columns[name] = rule_cells(detector, scores, pixels, labels)
+        n_defective = int((labels == -1).sum())
         notes.append(
             f"{DATASETS[name]}: {detector.n_train_images_} training images, "
             f"{detector.n_calibration_images_} calibrated; "
-            f"{len(data.test_labels) - n_defective} good and {n_defective} "
+            f"{len(labels) - n_defective} good and {n_defective} "
             f"defective test images; fitted offset_ {detector.offset_:.3f}, "
             f"pixel_threshold_ {detector.pixel_threshold_:.3f}; fit {fit_seconds:.0f} s"
         )
