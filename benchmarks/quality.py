@@ -126,6 +126,17 @@ def parse_args(argv=None):
         "(one backbone only)",
     )
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
+    parser.add_argument(
+        "--distance",
+        choices=("euclidean", "cosine"),
+        default="euclidean",
+        help="skpatchcore's distance option (anomalib rows stay Euclidean)",
+    )
+    parser.add_argument(
+        "--image-score",
+        default="reweighted",
+        help="skpatchcore's image_score: reweighted, max, or a fraction in (0, 1]",
+    )
     parser.add_argument("--num-neighbors", type=int, default=9)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
@@ -160,6 +171,11 @@ def parse_args(argv=None):
         parser.error("--layers names the layers of one backbone, not of an ensemble")
     if args.image_size is not None and args.image_size < 1:
         parser.error("--image-size must be at least 1")
+    if args.image_score not in ("reweighted", "max"):
+        try:
+            args.image_score = float(args.image_score)
+        except ValueError:
+            parser.error("--image-score must be reweighted, max or a number")
     return args
 
 
@@ -193,6 +209,8 @@ def make_detector(args):
             layers=args.layers,
             coreset_ratio=args.coreset_ratio,
             n_reweight_neighbors=args.num_neighbors,
+            distance=args.distance,
+            image_score=args.image_score,
             batch_size=args.batch_size,
             device="cpu",
             random_state=args.seed,
@@ -472,6 +490,7 @@ def run_settings(args):
         f"{model_note(args.backbone, args.geometry, args.image_size, args.layers)}"
         f", coreset_ratio "
         f"{args.coreset_ratio}, {args.num_neighbors} re-weighting neighbours, "
+        f"distance {args.distance}, image score {args.image_score}, "
         f"batch size {args.batch_size}, seed {args.seed}, CPU, median of "
         f"{args.repeat} prediction passes"
     )
