@@ -616,6 +616,26 @@ def test_feature_network_matches_an_explicit_forward():
     torch.testing.assert_close(features["layer3"], layer3)
 
 
+@pytest.mark.parametrize("size", [(64, 64), (97, 130)])
+def test_lite_channels_last_features(size):
+    # The feature extractor runs the network channels-last; timm's padded
+    # copies keep that layout, and the features change by rounding only.
+    torch.manual_seed(0)
+    module, layers, _, _ = load_backbone("efficientnet_lite0", weights=None)
+    network = build_feature_network(module, layers, image_size=64)
+    x = torch.rand(2, 3, *size)
+    with torch.no_grad():
+        expected = network(x)
+        network = network.to(memory_format=torch.channels_last)
+        found = network(x.contiguous(memory_format=torch.channels_last))
+    for layer in layers:
+        assert found[layer].is_contiguous(memory_format=torch.channels_last)
+        scale = float(expected[layer].abs().max())
+        torch.testing.assert_close(
+            found[layer], expected[layer], rtol=0, atol=1e-5 * scale
+        )
+
+
 @pytest.mark.parametrize("size", PARITIES)
 def test_lite_stride_2_layers_pad_as_tensorflow(size):
     # TensorFlow's "same" padding, which the weights expect: the zeros that
