@@ -337,8 +337,7 @@ def prediction_table(args):
     the test cells' patches as queries), candidate selection by
     ``torch.topk`` against span minima first, ranking tiles of 2,048 and
     1,024 queries, the backbone with batch norms folded against the
-    backbone as loaded, stride-2 layers padding their input against a
-    shifted kernel, one backbone pass per batch against passes of a few
+    backbone as loaded, one backbone pass per batch against passes of a few
     images, and anomaly maps upsampled and filtered map by map against
     per-axis operators; the passes alternate, and the best of ``--repeats``
     is kept for each.
