@@ -12,6 +12,7 @@ as one product over the whole bank, which a trace can record.
 
 import copy
 import functools
+import math
 
 import numpy as np
 import torch
@@ -188,7 +189,7 @@ class ScoringGraph(nn.Module):
         """
         if self.image_score != "reweighted":
             fraction = 0.0 if self.image_score == "max" else self.image_score
-            return top_mean(distances, fraction)
+            return top_mean(distances, fraction, math.prod(self.grid_shape))
         worst = torch.argmax(distances, dim=1, keepdim=True)
         m_test = torch.gather(
             features, 1, worst.unsqueeze(2).expand(-1, -1, features.shape[2])

@@ -32,7 +32,7 @@ def from_euclidean(distances, distance):
     return distances
 
 
-def top_mean(distances, fraction):
+def top_mean(distances, fraction, n_patches=None):
     """Mean of the largest ``fraction`` of each row's patch distances.
 
     Parameters
@@ -43,11 +43,16 @@ def top_mean(distances, fraction):
     fraction : float
         In (0, 1]; at least one patch is taken.
 
+    n_patches : int, default=None
+        The rows' length when known beforehand, as in a traced graph, which
+        would otherwise record a tensor's shape as a constant with a warning.
+
     Returns
     -------
     scores : torch.Tensor of shape (n_images,)
     """
-    k = max(1, math.ceil(fraction * distances.shape[1]))
+    n_patches = distances.shape[1] if n_patches is None else n_patches
+    k = max(1, math.ceil(fraction * n_patches))
     return torch.topk(distances, k, dim=1).values.mean(dim=1)
 
 
