@@ -9,7 +9,7 @@ from skpatchcore._scoring import reweighting
 def reweighted_scores(support_distances):
     """Eq. 7 in float64, as the detector evaluates it."""
     tensor = torch.tensor(support_distances, dtype=torch.float64)
-    return reweighting.reweighted_scores(tensor).numpy()
+    return reweighting.reweighted_scores(tensor, tensor.shape[1]).numpy()
 
 
 def test_eq7_by_hand():
@@ -58,7 +58,7 @@ def test_weight_bounds():
 
 def test_float32_as_an_exported_graph_evaluates_it():
     support = torch.tensor([[1.0, 2.0, 3.0], [800.0, 801.0, 802.0]])
-    scores = reweighting.reweighted_scores(support)
+    scores = reweighting.reweighted_scores(support, 3)
     assert scores.dtype == torch.float32
     np.testing.assert_allclose(
         scores.numpy(), reweighted_scores(support.double().numpy()), rtol=1e-5

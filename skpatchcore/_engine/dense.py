@@ -197,10 +197,7 @@ class ScoringGraph(nn.Module):
         support = self.support(torch.gather(rows, 1, worst).squeeze(1))
         support_distances = torch.linalg.vector_norm(self.bank[support] - m_test, dim=2)
         support_distances = from_euclidean(support_distances, self.distance)
-        if self.n_support == 1:
-            # Decided here, not from a tensor's shape, which a trace records.
-            return support_distances[:, 0]
-        return reweighted_scores(support_distances)
+        return reweighted_scores(support_distances, self.n_support)
 
     def maps(self, distances):
         """Patch distances upsampled to the model input and smoothed.

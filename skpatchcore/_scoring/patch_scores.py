@@ -90,6 +90,6 @@ def score_batch(
         ).numpy()
     support_distances = search.exact_distances(batch.rows[worst], support)
     support_distances = from_euclidean(support_distances, distance)
-    scores = reweighted_scores(torch.from_numpy(support_distances)).numpy()
+    scores = reweighted_scores(torch.from_numpy(support_distances), n_support).numpy()
     scores[unreachable] = np.inf
     return scores, distances

@@ -5,7 +5,7 @@ import math
 import torch
 
 
-def reweighted_scores(support_distances):
+def reweighted_scores(support_distances, n_support):
     """The paper's re-weighted image anomaly score, eq. 7.
 
     For each image, ``m_test`` is its patch farthest from the memory bank and
@@ -31,13 +31,17 @@ def reweighted_scores(support_distances):
         ``m_test`` to the other members of ``N_b(m*)``. Computed in their
         dtype (float64 in the detector, float32 in an exported graph).
 
+    n_support : int
+        ``b``, the number of columns: given as a number, so that a traced
+        graph records no branch on a tensor's shape.
+
     Returns
     -------
     scores : torch.Tensor of shape (n_images,)
         Anomaly scores, higher is more anomalous.
     """
     nearest = support_distances[:, 0]
-    if support_distances.shape[1] == 1:
+    if n_support == 1:
         return nearest
     log_fraction = nearest - torch.logsumexp(support_distances, dim=1)
     return (1.0 - torch.exp(log_fraction)) * nearest
