@@ -234,6 +234,13 @@ def export_torchscript(detector, path):
             message="Converting a tensor to a Python integer",
             category=torch.jit.TracerWarning,
         )
+        # A vision transformer checks its token counts against the input
+        # size, which is fixed too.
+        warnings.filterwarnings(
+            "ignore",
+            message="Converting a tensor to a Python boolean",
+            category=torch.jit.TracerWarning,
+        )
         with torch.no_grad():
             traced = torch.jit.trace(graph, example_input(graph))
         torch.jit.save(
