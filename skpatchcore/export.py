@@ -235,10 +235,10 @@ def export_torchscript(detector, path):
             category=torch.jit.TracerWarning,
         )
         # A vision transformer checks its token counts against the input
-        # size, which is fixed too.
+        # size, which is fixed too, and formats them into its messages.
         warnings.filterwarnings(
             "ignore",
-            message="Converting a tensor to a Python boolean",
+            message="Converting a tensor to a Python (boolean|number)",
             category=torch.jit.TracerWarning,
         )
         with torch.no_grad():
