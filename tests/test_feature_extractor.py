@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from skpatchcore import PatchFeatureExtractor, _feature_extractor
+from skpatchcore import PatchFeatureExtractor
+from skpatchcore._features import patch_features
 from skpatchcore._features.aggregation import adaptive_pool_matrix, channel_projection
 
 
@@ -494,7 +495,7 @@ def test_bfloat16_backbone_pass(monkeypatch):
     images = np.random.default_rng(0).random((2, 64, 64, 3)).astype(np.float32)
     params = dict(backbone="efficientnet_lite0", image_size=64, resize=None)
     expected = PatchFeatureExtractor(**params).fit().transform(images)
-    monkeypatch.setattr(_feature_extractor, "_BFLOAT16_DEVICES", ("cpu",))
+    monkeypatch.setattr(patch_features, "_BFLOAT16_DEVICES", ("cpu",))
     found = PatchFeatureExtractor(**params).fit().transform(images)
     assert found.dtype == np.float32
     assert not np.array_equal(found, expected)
@@ -506,7 +507,7 @@ def test_bfloat16_backbone_pass(monkeypatch):
 def test_cpu_backbone_passes_are_capped_whatever_the_batch_size(monkeypatch):
     # Large batches are cut into passes of a few images; the features equal
     # those of one image at a time and come back in the input order.
-    monkeypatch.setattr(_feature_extractor, "_CPU_PIXELS_PER_THREAD", 2 * 16 * 16 + 1)
+    monkeypatch.setattr(patch_features, "_CPU_PIXELS_PER_THREAD", 2 * 16 * 16 + 1)
     seen = []
     network = TwoLayers()
     network.a.register_forward_hook(lambda module, args, out: seen.append(len(out)))
