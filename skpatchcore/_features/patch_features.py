@@ -168,8 +168,10 @@ class PatchFeatures:
         that no rounding blurs the strides.
         """
         unit = self.network.input_multiple
-        least = -(-max(64, int(self.image_size)) // unit)
-        side = unit << (least - 1).bit_length()
+        # A transformer's grid is its input's sides over the patch size at
+        # any size: a small probe spares attention over a large blank image.
+        length = max(64, int(self.image_size)) if unit == 1 else 64
+        side = unit << (-(-length // unit) - 1).bit_length()
         blank = torch.zeros(1, 3, side, 2 * side, device=self.device)
         try:
             with torch.inference_mode():
