@@ -107,6 +107,31 @@ def test_vit_maps_are_timms_intermediates(dino, layers, intermediates):
     _assert_close(features, aggregated.permute(0, 2, 3, 1))
 
 
+def test_eva_keeps_its_rotary_embedding(tmp_path):
+    # EVA-02 and DINOv3 call their rotary embedding by a method, not its
+    # forward: the network must keep it although no forward hook sees it run.
+    name = "eva02_tiny_patch14_224.mim_in22k"
+    model = _timm_model(name, dynamic_img_size=True)
+    path = tmp_path / "eva.pth"
+    torch.save(model.state_dict(), path)
+    extractor = PatchFeatureExtractor(
+        f"timm/{name}",
+        weights=str(path),
+        layers=("blocks.3",),
+        image_size=(42, 70),
+        resize=None,
+        device="cpu",
+    ).fit()
+    x = _normalised(extractor, _batch(42, 70))
+    with torch.inference_mode():
+        (found,) = extractor._engine.layer_maps(x)
+        (expected,) = model.forward_intermediates(
+            x, indices=[3], intermediates_only=True
+        )
+    assert found.shape == (2, 192, 3, 5)
+    _assert_close(found, expected)
+
+
 def test_cnn_maps_are_timms_feature_maps(resnet):
     path, model = resnet
     extractor = PatchFeatureExtractor(

@@ -243,6 +243,11 @@ class LayerTaps(nn.Module):
 def _unused_submodules(network, x):
     """List the backbone's submodules that do not run before the last tap.
 
+    Only submodules registered after every one that runs are listed: one
+    registered among them may be used through a method other than its
+    forward, as the rotary position embeddings of timm's EVA and DINOv3
+    models are, and is kept.
+
     Parameters
     ----------
     network : LayerTaps
@@ -270,8 +275,10 @@ def _unused_submodules(network, x):
     finally:
         for handle in handles:
             handle.remove()
+    named = list(network.backbone.named_modules())
+    last_ran = max(index for index, (_, module) in enumerate(named) if module in ran)
     unused = []
-    for name, module in network.backbone.named_modules():
+    for name, module in named[last_ran + 1 :]:
         if module not in ran and not any(
             name.startswith(f"{outer}.") for outer in unused
         ):
