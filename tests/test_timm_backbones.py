@@ -316,6 +316,7 @@ def test_download_failure_names_the_ways_out(monkeypatch):
         ("timm/resnet18.no_such_tag", None, "no pretrained tag 'no_such_tag'"),
         ("timm/", None, "names no timm model"),
         (f"timm/{VIT}", "IMAGENET1K_V1", "chosen by the tag in its name"),
+        ("timm/botnet50ts_256", "DEFAULT", "no pretrained weights"),
     ],
 )
 def test_bad_names_are_named(backbone, weights, match):

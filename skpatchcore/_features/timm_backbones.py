@@ -69,6 +69,12 @@ def _create(timm, name, pretrained):
 
 def _download(timm, name):
     """The model with timm's pretrained weights, downloaded once."""
+    if not timm.is_model_pretrained(name):
+        # timm would warn and leave the weights random.
+        raise ValueError(
+            f"timm has no pretrained weights for {name!r}: pass weights=None "
+            "for random weights, or the path of a local state-dict file."
+        )
     try:
         return _create(timm, name, pretrained=True)
     except OSError as exc:
@@ -76,9 +82,10 @@ def _download(timm, name):
         # are all OSErrors.
         from huggingface_hub.constants import HF_HUB_CACHE
 
+        reason = next(iter(str(exc).splitlines()), "")
         raise OSError(
             f"The pretrained weights of backbone {PREFIX + name!r} could not be "
-            f"downloaded ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            f"downloaded ({type(exc).__name__}: {reason}); "
             f"timm keeps them in {HF_HUB_CACHE} once downloaded. Offline, pass "
             "weights=<path of a local .pth, .pt or .safetensors state-dict "
             "file of that model>, or backbone='efficientnet_lite0', whose "
