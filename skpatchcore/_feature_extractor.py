@@ -55,27 +55,47 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         ``efficientnet_lite2``  260             297
         ======================  ==============  ==========
 
+        ``"timm/<model name>"`` takes any timm model (``pip install timm``),
+        optionally with a pretrained tag, such as
+        ``"timm/vit_small_patch14_dinov2.lvd142m"`` (DINOv2 ViT-S/14) or
+        ``"timm/resnet18"``. A vision transformer's (ViT, DeiT, DINOv2,
+        DINOv3, EVA-02) features are its patch tokens, class and register
+        tokens dropped, on its patch grid, whose stride is the patch size
+        (14 or 16 pixels, where the default CNN layers have 8); the sides of
+        each model input are resized to the nearest multiples of it.
+
         A module passed in is copied, never modified.
 
     weights : str, path-like or None, default="DEFAULT"
         ``"DEFAULT"`` or a torchvision weights name such as
         ``"IMAGENET1K_V2"`` (downloaded once by torchvision), a path to a
         local state-dict file, or None for random weights (speed tests only).
-        Must be "DEFAULT" when ``backbone`` is a module, which keeps its own.
+        For a timm name, ``"DEFAULT"`` takes timm's pretrained weights of
+        the name's tag (downloaded once from the Hugging Face hub), and a
+        path may also be a ``.safetensors`` file; other weights are chosen
+        by the tag in the name. Must be "DEFAULT" when ``backbone`` is a
+        module, which keeps its own.
 
     layers : tuple of str, default=None
         Names of the backbone's submodules whose outputs are used, shallowest
         first. None takes the backbone's mid-level pair: ``("layer2",
         "layer3")`` for ResNets, ``("stage3", "stage5")`` for
-        EfficientNet-Lite. Required when ``backbone`` is a module.
+        EfficientNet-Lite, the ``feature_info`` stages at strides 8 and 16
+        for timm CNNs (the same pair). For timm vision transformers,
+        ``("norm",)``: the last block's patch tokens after the final layer
+        norm, the features of AnomalyDINO (Damm et al., 2024), or the last
+        block when the model has no final norm; their blocks are named
+        ``"blocks.0"`` to ``"blocks.<depth - 1>"``. Required when
+        ``backbone`` is a module.
 
     normalization : tuple of (mean, std) or None, default=None
         Per-channel mean subtracted from ``[0, 1]`` RGB input and standard
         deviation it is divided by, as a pair of sequences of 3 numbers
         (standard deviations positive). None takes the named backbone's own
         (0.5 and 0.5 for EfficientNet-Lite, ImageNet's for torchvision
-        models), and ImageNet's ``((0.485, 0.456, 0.406), (0.229, 0.224,
-        0.225))`` for a module. ``((0, 0, 0), (1, 1, 1))`` passes the
+        models, the pretrained configuration's for timm models), and
+        ImageNet's ``((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))`` for a
+        module. ``((0, 0, 0), (1, 1, 1))`` passes the
         ``[0, 1]`` images unchanged to a module that normalises its input
         itself.
 
@@ -270,7 +290,8 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
             if isinstance(self.backbone, str):
                 raise ValueError(
                     f"backbone={self.backbone!r} has no default layers (ResNets, "
-                    "Wide ResNets and EfficientNet-Lite have): pass layers, "
+                    "Wide ResNets, EfficientNet-Lite and timm models with "
+                    "stride-8 and stride-16 stages or patch tokens have): pass layers, "
                     "names of its mid-level submodules, shallowest first; "
                     f"{describe_layers(module)}."
                 )

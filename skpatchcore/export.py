@@ -227,6 +227,13 @@ def export_torchscript(detector, path):
         warnings.filterwarnings(
             "ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning
         )
+        # A vision transformer checks its token counts against the input
+        # size, which is fixed, and formats them into its messages.
+        warnings.filterwarnings(
+            "ignore",
+            message="Converting a tensor to a Python (boolean|number)",
+            category=torch.jit.TracerWarning,
+        )
         with torch.no_grad():
             traced = torch.jit.trace(graph, example_input(graph))
         torch.jit.save(

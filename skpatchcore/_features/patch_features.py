@@ -159,13 +159,19 @@ class PatchFeatures:
     def _probe_growth(self):
         """Learn how the patch grids grow with the input (keep-aspect mode).
 
-        One blank image ``side`` pixels high and ``2 * side`` wide, ``side`` a
-        power of two, gives each layer's patch grid at both lengths: if
-        ``side`` more pixels add ``n`` grid positions, the layer's grid
-        stride is ``side / n``. The first layer's grid, which the features
-        follow, grows linearly between such lengths.
+        One blank image ``side`` pixels high and ``2 * side`` wide gives each
+        layer's patch grid at both lengths: if ``side`` more pixels add ``n``
+        grid positions, the layer's grid stride is ``side / n``. The first
+        layer's grid, which the features follow, grows linearly between such
+        lengths. ``side`` is a power of two times the length the network
+        rounds its input to (a vision transformer's patch size, else 1), so
+        that no rounding blurs the strides.
         """
-        side = 1 << max(6, (int(self.image_size) - 1).bit_length())
+        unit = self.network.input_multiple
+        # A transformer's grid is its input's sides over the patch size at
+        # any size: a small probe spares attention over a large blank image.
+        length = max(64, int(self.image_size)) if unit == 1 else 64
+        side = unit << (-(-length // unit) - 1).bit_length()
         blank = torch.zeros(1, 3, side, 2 * side, device=self.device)
         try:
             with torch.inference_mode():

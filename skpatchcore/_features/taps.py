@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .token_grids import token_grid_of
+
 
 def check_layers(module, layers):
     """Validate names of layers to tap in ``module``.
@@ -135,6 +137,9 @@ class LayerTaps(nn.Module):
         The tapped network.
     layers : tuple of str
         The tapped layers, in the order of the returned dictionary.
+    token_grid : TokenGrid or None
+        The conversion of a vision transformer's tokens to maps; None for
+        other backbones.
 
     Notes
     -----
@@ -146,6 +151,7 @@ class LayerTaps(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.layers = check_layers(backbone, layers)
+        self.token_grid = token_grid_of(backbone)
         for layer in self.layers:
             backbone.get_submodule(layer).register_forward_hook(
                 functools.partial(_store_output, layer, len(self.layers))
@@ -163,13 +169,16 @@ class LayerTaps(nn.Module):
         -------
         dict of str to object
             The output of each tapped layer (of its first call, when it runs
-            more than once), keyed and ordered as ``layers``.
+            more than once), keyed and ordered as ``layers``; for a vision
+            transformer, its patch tokens as a map ``(N, C, H / p, W / p)``.
 
         Raises
         ------
         ValueError
             If a tapped layer did not run.
         """
+        if self.token_grid is not None:
+            x = self.token_grid.fit_input(x)
         outputs = {}
         token = _LAYER_OUTPUTS.set(outputs)
         try:
@@ -183,7 +192,17 @@ class LayerTaps(nn.Module):
                 f"Layers {missing} of {type(self.backbone).__name__} did not run "
                 "in its forward pass; tap layers that its forward calls."
             )
+        if self.token_grid is not None:
+            return {
+                layer: self.token_grid(outputs[layer], x.shape[-2:])
+                for layer in self.layers
+            }
         return {layer: outputs[layer] for layer in self.layers}
+
+    @property
+    def input_multiple(self):
+        """Length that the sides of the backbone's input are rounded to (1: none)."""
+        return 1 if self.token_grid is None else self.token_grid.input_multiple
 
     def state_dict(self, *args, **kwargs):
         """The backbone's state dict, keyed by its own parameter names.
@@ -224,6 +243,11 @@ class LayerTaps(nn.Module):
 def _unused_submodules(network, x):
     """List the backbone's submodules that do not run before the last tap.
 
+    Only submodules registered after every one that runs are listed: one
+    registered among them may be used through a method other than its
+    forward, as the rotary position embeddings of timm's EVA and DINOv3
+    models are, and is kept.
+
     Parameters
     ----------
     network : LayerTaps
@@ -251,8 +275,10 @@ def _unused_submodules(network, x):
     finally:
         for handle in handles:
             handle.remove()
+    named = list(network.backbone.named_modules())
+    last_ran = max(index for index, (_, module) in enumerate(named) if module in ran)
     unused = []
-    for name, module in network.backbone.named_modules():
+    for name, module in named[last_ran + 1 :]:
         if module not in ran and not any(
             name.startswith(f"{outer}.") for outer in unused
         ):
