@@ -69,8 +69,11 @@ def test_detectors_fit_load_and_score_at_once(
         return joblib.load(saved_detector).score_samples(X)
 
     tasks = [score, fit_and_score, score, load_and_score] * 4
+    # A fit selects its coreset on one torch thread, a process-wide setting:
+    # a scoring thread may then cut its backbone passes differently, which
+    # moves features in their last bits (the batch rounding the docs allow).
     for scores in _run_at_once(tasks):
-        np.testing.assert_array_equal(scores, expected)
+        np.testing.assert_allclose(scores, expected, rtol=1e-5)
 
 
 def test_grid_search_with_threads(elpv_small):
