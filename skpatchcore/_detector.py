@@ -626,6 +626,8 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         else:
             random_state = copy.deepcopy(self._random_state)
             extractor, n_seen = self.feature_extractor_, self.n_train_images_
+            # A device changed since fit is honoured here too.
+            extractor.set_params(device=self.device)
             n_train_patches = self._n_train_patches
             earlier_bank = self.memory_bank_
             earlier_scores = self.calibration_scores_
