@@ -10,7 +10,6 @@ maps with the pixel threshold, set ``offset_`` and ``pixel_threshold_``.
 import numpy as np
 
 from ._progress import progress_bar
-from ._scoring.maps import image_maps
 
 
 def upper_whisker(values):
@@ -125,7 +124,7 @@ def held_out_values(
             anomaly, distances = model.score(
                 features, exclude=(images[part], bank_images)
             )
-            maps = image_maps(distances, features, model.sigma)
+            maps = model.image_maps(features, distances)
             scores.append(-anomaly)
             maxima.append(np.array([m.max() for m in maps]))
             if keep_maps:

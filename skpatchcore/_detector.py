@@ -735,10 +735,9 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         extractor = self.feature_extractor_
         if str(extractor.device) != str(self.device):
             extractor.set_params(device=self.device)
-        # The extractor moves the backbone; the search follows it.
+        # The extractor moves the backbone; the engine moves the rest with it.
         extractor._features()
-        if self._model.search.device != extractor.device_:
-            self._model.search = self._model.search.to(extractor.device_)
+        self._model.to(extractor.device_)
         self.device_ = extractor.device_
         return self._model
 

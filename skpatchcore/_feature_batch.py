@@ -1,5 +1,6 @@
 """The one type in which patch features travel through the engine."""
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -44,25 +45,17 @@ class FeatureBatch:
     def __len__(self):
         return len(self.grid_shapes)
 
-    @property
-    def n_features(self):
-        return self.rows.shape[1]
-
-    @property
+    # Derived from the grids once: the stages read them per image.
+    @functools.cached_property
     def counts(self):
         """Patches of each image."""
         return np.array([math.prod(s) for s in self.grid_shapes], dtype=np.int64)
 
-    @property
+    @functools.cached_property
     def starts(self):
         """Row of each image's first patch."""
         counts = self.counts
         return np.cumsum(counts) - counts
-
-    @property
-    def image_of_rows(self):
-        """The image of each row."""
-        return np.repeat(np.arange(len(self)), self.counts)
 
     def per_image(self, values):
         """``values`` of one entry per row, cut into one grid per image."""
@@ -76,11 +69,6 @@ class FeatureBatch:
         """Each image's features as a ``(grid_height, grid_width, n_features)`` view."""
         return self.per_image(self.rows)
 
-    def same_grid(self):
-        """The grid shape every image shares, or None when they differ."""
-        shapes = set(self.grid_shapes)
-        return next(iter(shapes)) if len(shapes) == 1 else None
-
     def select(self, images):
         """The batch of ``images`` (positions in this batch), in their order."""
         images = np.asarray(images, dtype=np.int64)
@@ -90,16 +78,4 @@ class FeatureBatch:
             np.concatenate(rows) if len(rows) else self.rows[:0],
             tuple(self.grid_shapes[i] for i in images),
             tuple(self.geometries[i] for i in images),
-        )
-
-    @classmethod
-    def concatenate(cls, batches, n_features):
-        """One batch of the images of ``batches``, in order."""
-        batches = list(batches)
-        if not batches:
-            return cls(np.empty((0, n_features), np.float32), (), ())
-        return cls(
-            np.concatenate([b.rows for b in batches]),
-            sum((b.grid_shapes for b in batches), ()),
-            sum((b.geometries for b in batches), ()),
         )

@@ -465,8 +465,9 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         for number, batch in enumerate(engine.batches(sources, batch_size)):
             if self.verbose:
                 print(f"[PatchFeatureExtractor] batch {number + 1}/{n_batches}")
-            grids = batch.grids()
-            if self.grid_shape_ is not None:
+            if self.grid_shape_ is None:
+                grids = batch.grids()
+            else:
                 grids = batch.rows.reshape(len(batch), *self.grid_shape_, -1)
             yield grids, list(batch.geometries)
 

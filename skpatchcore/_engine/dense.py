@@ -16,13 +16,12 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from .._bank.search import _RERANK_MARGIN
 from .._images import image_size_pair
-from .._scoring.distances import from_euclidean, top_mean
+from .._scoring.distances import from_euclidean, top_mean, unit_length
 from .._scoring.maps import axis_operator
 from .._scoring.reweighting import reweighted_scores, support_rows
 
@@ -120,7 +119,7 @@ class ScoringGraph(nn.Module):
             maps = [self.token_grid(tokens, inputs.shape[-2:]) for tokens in maps]
         stacked = self.aggregator(maps, self.grid_shape)
         if self.distance == "cosine":
-            stacked = F.normalize(stacked, dim=1, eps=1e-12)
+            stacked = unit_length(stacked, 1)
         return stacked.flatten(2).transpose(1, 2)
 
     def _candidates(self, queries, n_candidates):

@@ -1,6 +1,6 @@
 """The PatchCore engine under the estimators: no scikit-learn in here."""
 
-from .._scoring.maps import image_maps, input_maps
+from .._scoring.maps import image_maps
 from .._scoring.patch_scores import score_batch
 
 
@@ -50,10 +50,6 @@ class PatchCoreModel:
         self.distance = distance
         self.image_score = image_score
 
-    @property
-    def device(self):
-        return self.features.device
-
     def to(self, device):
         """Run the backbone and the search on ``device``; returns self."""
         self.features.to(device)
@@ -70,10 +66,6 @@ class PatchCoreModel:
             distance=self.distance,
             image_score=self.image_score,
         )
-
-    def input_maps(self, batch, distances):
-        """Maps on each image's model input."""
-        return input_maps(distances, batch, self.sigma)
 
     def image_maps(self, batch, distances):
         """Maps at each image's own resolution."""

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .taps import run_hooked
+
 
 def _foldable_pairs(network, x, kept):
     """Names of ``(convolution, batch norm)`` pairs safe to fold.
@@ -58,12 +60,7 @@ def _foldable_pairs(network, x, kept):
             handles.append(module.register_forward_pre_hook(before_norm))
         elif not any(module.children()):
             handles.append(module.register_forward_hook(after_other))
-    try:
-        with torch.inference_mode():
-            network(x)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(network, x, handles)
     return [
         (names[conv], names[norm])
         for conv, norm in pairs

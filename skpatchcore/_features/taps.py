@@ -240,6 +240,16 @@ class LayerTaps(nn.Module):
         return self.backbone.load_state_dict(state_dict, strict=strict, assign=assign)
 
 
+def run_hooked(network, x, handles):
+    """Run ``network`` on ``x`` once to fire the hooks ``handles``, then remove them."""
+    try:
+        with torch.inference_mode():
+            network(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _unused_submodules(network, x):
     """List the backbone's submodules that do not run before the last tap.
 
@@ -269,12 +279,7 @@ def _unused_submodules(network, x):
         module.register_forward_pre_hook(record)
         for module in network.backbone.modules()
     ]
-    try:
-        with torch.inference_mode():
-            network(x)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(network, x, handles)
     named = list(network.backbone.named_modules())
     last_ran = max(index for index, (_, module) in enumerate(named) if module in ran)
     unused = []

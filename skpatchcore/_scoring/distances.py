@@ -8,21 +8,21 @@ the same neighbours, and the distance a cosine search would report.
 
 import math
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .._feature_batch import FeatureBatch
-
-DISTANCES = ("euclidean", "cosine")
 
 # Below this length a feature is left as it is rather than blown up.
 _EPSILON = 1e-12
 
 
-def unit_rows(rows):
-    """``rows`` scaled to unit length (float32; all-zero rows stay zero)."""
-    norms = np.linalg.norm(rows, axis=1, keepdims=True)
-    return (rows / np.maximum(norms, _EPSILON)).astype(np.float32, copy=False)
+def unit_length(features, dim):
+    """``features`` scaled to unit length along ``dim`` (all-zero ones stay zero).
+
+    The detector's features and the exported graph's go through here alike.
+    """
+    return F.normalize(features, dim=dim, eps=_EPSILON)
 
 
 def from_euclidean(distances, distance):
@@ -76,5 +76,7 @@ class UnitFeatures:
     def batches(self, sources, batch_size):
         for batch in self.features.batches(sources, batch_size):
             yield FeatureBatch(
-                unit_rows(batch.rows), batch.grid_shapes, batch.geometries
+                unit_length(torch.from_numpy(batch.rows), 1).numpy(),
+                batch.grid_shapes,
+                batch.geometries,
             )
