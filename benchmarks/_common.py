@@ -51,7 +51,8 @@ FOLDERS = {"mpdd_metal_plate": "mpdd", "kolektorsdd": "kolektorsdd"}
 
 
 def add_folder_options(parser):
-    """``--mpdd`` and ``--kolektorsdd``, defaulting to the shared folders."""
+    """``--mpdd``, ``--kolektorsdd`` (the shared folders by default) and
+    ``--folder-subset``, which ``load_dataset`` reads."""
     parser.add_argument(
         "--mpdd",
         default=MPDD_FOLDER,
@@ -61,6 +62,13 @@ def add_folder_options(parser):
         "--kolektorsdd",
         default=KOLEKTORSDD_FOLDER,
         help="MVTec-style folder of KolektorSDD (skipped when absent)",
+    )
+    parser.add_argument(
+        "--folder-subset",
+        action="store_true",
+        help="cut MPDD and KolektorSDD to their first --train-size training "
+        "images and --n-test test images of each class too (plumbing checks); "
+        "by default they are used whole",
     )
 
 

@@ -92,13 +92,6 @@ def parse_args(argv=None):
         help="ELPV test cells of each class, normal and defective (at most)",
     )
     parser.add_argument(
-        "--folder-subset",
-        action="store_true",
-        help="cut MPDD and KolektorSDD to their first --train-size training "
-        "images and --n-test test images of each class too (plumbing checks); "
-        "by default they are used whole",
-    )
-    parser.add_argument(
         "--backbone",
         choices=BACKBONES,
         default="efficientnet_lite0",

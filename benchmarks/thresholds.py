@@ -104,13 +104,6 @@ def parse_args(argv=None):
         default=50,
         help="ELPV test cells of each class, normal and defective",
     )
-    parser.add_argument(
-        "--folder-subset",
-        action="store_true",
-        help="cut MPDD and KolektorSDD to their first --train-size training "
-        "images and --n-test test images of each class too (plumbing checks); "
-        "by default they are used whole",
-    )
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
