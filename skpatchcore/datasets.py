@@ -13,7 +13,7 @@ from PIL import Image
 from sklearn.utils import Bunch, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 
-from ._images import IMAGE_SUFFIXES, list_image_files
+from ._image_folders import IMAGE_SUFFIXES, list_image_files
 
 __all__ = ["load_elpv", "load_mask", "load_mvtec_folder"]
 
