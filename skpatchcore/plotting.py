@@ -415,7 +415,7 @@ def _panel_title(label, i, anomaly_score, image_threshold, note):
     if image_threshold is not None:
         flagged = anomaly_score > image_threshold
         first += ": flagged" if flagged else ": not flagged"
-        second += f" {'>' if flagged else '<='} {image_threshold:.3g}"
+        second += f" (threshold {image_threshold:.3g})"
     lines = [first, second] + ([] if note is None else [str(note)])
     return "\n".join(lines)
 
@@ -576,7 +576,7 @@ def plot_extremes(
     ...                     threshold=0.8, image_threshold=0.6)
     >>> print(fig.axes[0].get_title())
     good #0: not flagged
-    anomaly score 0.5 <= 0.6
+    anomaly score 0.5 (threshold 0.6)
     >>> len(fig.axes)
     5
     """
