@@ -411,11 +411,12 @@ def _pick(indices, anomaly_scores, highest_first, n, exclude=()):
 def _panel_title(label, i, anomaly_score, image_threshold, note):
     """Two or three lines: the image and its verdict, its score, the note."""
     first = f"{label} #{i}"
-    second = f"anomaly score {anomaly_score:.3g}"
+    # "#": trailing zeros kept, so that 34.0 does not read as 34 beside 34.3.
+    second = f"anomaly score {anomaly_score:#.3g}"
     if image_threshold is not None:
         flagged = anomaly_score > image_threshold
         first += ": flagged" if flagged else ": not flagged"
-        second += f" (threshold {image_threshold:.3g})"
+        second += f" (threshold {image_threshold:#.3g})"
     lines = [first, second] + ([] if note is None else [str(note)])
     return "\n".join(lines)
 
@@ -576,7 +577,7 @@ def plot_extremes(
     ...                     threshold=0.8, image_threshold=0.6)
     >>> print(fig.axes[0].get_title())
     good #0: not flagged
-    anomaly score 0.5 (threshold 0.6)
+    anomaly score 0.500 (threshold 0.600)
     >>> len(fig.axes)
     5
     """

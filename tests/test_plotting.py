@@ -150,10 +150,10 @@ def test_panels_say_whether_each_image_is_flagged(scored_images):
         images, labels, scores, maps, n=2, image_threshold=0.0, threshold=0.95
     )
     assert _titles(fig)[:4] == [
-        "good #1: flagged\nanomaly score 0.3 (threshold 0)",
-        "good #3: not flagged\nanomaly score -0.1 (threshold 0)",
-        "defective #6: not flagged\nanomaly score -0.5 (threshold 0)",
-        "defective #4: not flagged\nanomaly score -0.2 (threshold 0)",
+        "good #1: flagged\nanomaly score 0.300 (threshold 0.00)",
+        "good #3: not flagged\nanomaly score -0.100 (threshold 0.00)",
+        "defective #6: not flagged\nanomaly score -0.500 (threshold 0.00)",
+        "defective #4: not flagged\nanomaly score -0.200 (threshold 0.00)",
     ]
     assert fig.get_suptitle() == (
         "Likeliest false alarms (top), likeliest misses (middle), "
@@ -162,13 +162,13 @@ def test_panels_say_whether_each_image_is_flagged(scored_images):
     # Neither miss is flagged: the clearest catch is added, and only it, as
     # the misses are not repeated.
     assert _titles(fig)[4:] == [
-        "defective #5: flagged\nanomaly score 0.8 (threshold 0)"
+        "defective #5: flagged\nanomaly score 0.800 (threshold 0.00)"
     ]
     assert len(fig.axes) == 3 * 2 + 1
 
     # Without an image threshold: the score alone, and two rows.
     fig = plot_extremes(images, labels, scores, maps, n=2, show_catches=False)
-    assert _titles(fig)[0] == "good #1\nanomaly score 0.3"
+    assert _titles(fig)[0] == "good #1\nanomaly score 0.300"
     assert fig.get_suptitle() == (
         "Likeliest false alarms (top), likeliest misses (bottom)"
     )
@@ -181,13 +181,17 @@ def test_image_threshold_comes_from_the_detector(scored_images):
     detector = _fitted_stub(image_size=8, resize=None, threshold=2.0, offset=-0.15)
     fig = plot_extremes(images, labels, scores, maps, n=2, detector=detector)
     titles = _titles(fig)
-    assert titles[0] == "good #1: flagged\nanomaly score 0.3 (threshold 0.15)"
-    assert titles[3] == "defective #4: not flagged\nanomaly score -0.2 (threshold 0.15)"
+    assert titles[0] == "good #1: flagged\nanomaly score 0.300 (threshold 0.150)"
+    assert (
+        titles[3] == "defective #4: not flagged\nanomaly score -0.200 (threshold 0.150)"
+    )
     # An explicit image_threshold wins over the detector's.
     fig = plot_extremes(
         images, labels, scores, maps, n=2, detector=detector, image_threshold=0.5
     )
-    assert _titles(fig)[0] == "good #1: not flagged\nanomaly score 0.3 (threshold 0.5)"
+    assert (
+        _titles(fig)[0] == "good #1: not flagged\nanomaly score 0.300 (threshold 0.500)"
+    )
 
 
 def test_catches_are_added_only_when_the_misses_show_none(scored_images):
