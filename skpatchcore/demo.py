@@ -123,7 +123,9 @@ def _save_figure(data, scores, maps, masks, path, *, detector=None):
 
 def main(argv=None):
     """Command-line entry point; see ``python -m skpatchcore.demo --help``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m skpatchcore.demo", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--output", type=Path, default=Path("demo_output"))
     parser.add_argument(
         "--mvtec",
