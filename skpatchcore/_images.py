@@ -244,7 +244,15 @@ def check_images(X):
             )
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise ValueError(f"{len(missing)} image file(s) of X do not exist: {shown}")
+        hint = ""
+        if any(character in shown for character in "*?["):
+            hint = (
+                ". A glob pattern is expanded when it is X itself, not an item "
+                "of a list: pass X='images/*.png', not ['images/*.png']"
+            )
+        raise ValueError(
+            f"{len(missing)} image file(s) of X do not exist: {shown}{hint}"
+        )
     return sources
 
 

@@ -322,6 +322,9 @@ def test_a_glob_pattern_stands_for_the_images_it_matches(tmp_path):
     assert "wrap it in a list" not in str(info.value)
     with pytest.raises(ValueError, match="1 match.*include no image file"):
         check_images(str(tmp_path / "a" / "*.txt"))
+    # A pattern inside a list is a file name, which does not exist.
+    with pytest.raises(ValueError, match="expanded when it is X itself"):
+        check_images([str(tmp_path / "a" / "*.png")])
 
 
 def test_a_folder_with_images_only_below_names_its_sub_folders(tmp_path):
