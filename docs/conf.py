@@ -80,7 +80,6 @@ sphinx_gallery_conf = {
     "filename_pattern": r"/plot_",
     "doc_module": ("skpatchcore",),
     "backreferences_dir": "generated/backreferences",
-    "reference_url": {"skpatchcore": None},
     "remove_config_comments": True,
     # "-D plot_gallery=0" on the command line skips running the examples.
     "abort_on_example_error": True,

@@ -74,13 +74,17 @@ if has_masks:
 #
 # The hardest cases
 # -----------------
-# :func:`~skpatchcore.plotting.plot_extremes` shows the good images that look
-# most defective (likely false alarms) and the defective images that look
-# most normal (likely misses), with the ground truth outlined in green. All
-# maps share one colour scale; given the detector, the colours turn hot at
-# its ``pixel_threshold_`` (the black line of the colorbar), and a border
-# band that the model never saw would be greyed out (here ``resize=None``
-# feeds it the whole image).
+# :func:`~skpatchcore.plotting.plot_extremes` shows the good images with the
+# highest anomaly scores (the likeliest false alarms) and the defective images
+# with the lowest (the likeliest misses), with the ground truth outlined in
+# green. Each panel gives the image's anomaly score, ``-score_samples``, and
+# says whether it exceeds the detector's image threshold ``-offset_``, i.e.
+# whether ``predict`` flags it. When none of the likeliest misses is
+# flagged, a third row shows the clearest catches. All maps share one colour
+# scale of anomaly scores; given the detector, the colours turn hot at its
+# ``pixel_threshold_`` (the black line of the colorbar), and a border band
+# that the model never saw would be greyed out (here ``resize=None`` feeds
+# it the whole image).
 from skpatchcore.plotting import plot_anomaly_map, plot_extremes
 
 fig = plot_extremes(
@@ -123,7 +127,11 @@ for ax, i, pred_mask in zip(axes, defective, masks):
         detector=detector,
     )
     ax.set_title(f"test image #{i}", fontsize="small")
-colorbar = fig.colorbar(axes[-1].images[-1], ax=axes, label="anomaly score")
+colorbar = fig.colorbar(
+    axes[-1].images[-1],
+    ax=axes,
+    label="anomaly score (black line: pixel threshold)",
+)
 colorbar.ax.axhline(detector.pixel_threshold_, color="black", linewidth=2)
 fig.suptitle(f"Predicted masks at pixel_threshold_ = {detector.pixel_threshold_:.2f}")
 plt.show()

@@ -101,7 +101,9 @@ print(confusion_matrix(y_test, y_pred, labels=[1, -1]))
 # Where are the defects?
 # ----------------------
 # ``anomaly_maps`` returns one map per image, at the image's own resolution:
-# the distance of each patch to the memory bank, upsampled and smoothed.
+# the anomaly score of each patch (its distance to the memory bank),
+# upsampled and smoothed. Figures show anomaly scores, higher for more
+# anomalous: an image's is ``-score_samples``, flagged above ``-offset_``.
 # Pixels above ``pixel_threshold_``, calibrated on the training images, form
 # the mask drawn with a dashed line. We show the four defective
 # cells the detector finds most anomalous, on one colour scale from 0 to the
@@ -129,8 +131,17 @@ for ax, i, anomaly_map in zip(axes, shown, maps):
         vmax=vmax,
         threshold=threshold,
     )
-    ax.set_title(f"test cell #{i}\ndecision {decision[i]:.1f}", fontsize="small")
-colorbar = fig.colorbar(axes[-1].images[-1], ax=axes, label="patch distance")
+    verdict = "flagged" if y_pred[i] == -1 else "not flagged"
+    ax.set_title(
+        f"test cell #{i}: {verdict}\nanomaly score {-scores[i]:.1f} "
+        f"(threshold {-detector.offset_:.1f})",
+        fontsize="small",
+    )
+colorbar = fig.colorbar(
+    axes[-1].images[-1],
+    ax=axes,
+    label=f"anomaly score (black line: pixel threshold {threshold:.1f})",
+)
 colorbar.ax.axhline(threshold, color="black", linewidth=2)
 plt.show()
 

@@ -265,8 +265,8 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
     verbose : int, default=0
         Show a progress bar per stage of ``fit`` (features, coreset,
         calibration) and over the images of each prediction when positive;
-        the bars are tqdm's when it is installed (they render in notebooks
-        and terminals), else printed lines. ``verbose``, ``batch_size``,
+        the bars are tqdm's in notebooks and terminals when it is
+        installed, else (as in a log file) printed lines. ``verbose``, ``batch_size``,
         ``n_jobs`` and ``device`` may be changed after ``fit``; changing
         any other parameter makes the fitted detector refuse to predict
         until it is fitted again.

@@ -405,6 +405,21 @@ class PatchCoreEnsemble(NoveltyDecisionsMixin, _BaseComposition):
         self._fitted_params = self._model_params()
         return self
 
+    @property
+    def partial_fit(self):
+        """Not available: fit the ensemble again on all images instead.
+
+        Reading it raises an ``AttributeError`` that says why (see the class
+        description), so that ``hasattr(ensemble, "partial_fit")`` is False,
+        as scikit-learn expects of an estimator that cannot learn
+        incrementally.
+        """
+        raise AttributeError(
+            "PatchCoreEnsemble has no partial_fit: a second call would let its "
+            "members hold out different calibration images. Fit the ensemble "
+            "again on all images, old and new: ensemble.fit(all_images)."
+        )
+
     def _model_params(self):
         """The deep parameters that define the fitted model, by name.
 

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import sparse
 
-_CHANNELS = (1, 3, 4)
+from ._image_folders import image_files_of
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+_CHANNELS = (1, 3, 4)
 
 # Above this many pixels, an upscaled image is refused rather than resized:
 # 2**24 pixels are 200 MB as float32 RGB.
@@ -37,19 +37,6 @@ _DECODING_ERRORS = (
     ValueError,
     Image.DecompressionBombError,
 )
-
-
-def list_image_files(folder):
-    """The image files directly inside ``folder``, sorted by name."""
-    # Hidden files are skipped because archives made on macOS carry
-    # "._name.png" resource forks that are not images.
-    return sorted(
-        path
-        for path in Path(folder).iterdir()
-        if path.is_file()
-        and not path.name.startswith(".")
-        and path.suffix.lower() in IMAGE_SUFFIXES
-    )
 
 
 @dataclass(frozen=True)
@@ -175,10 +162,12 @@ def check_images(X):
         in {1, 3, 4}, a list, tuple or iterator (or 1-D object array) whose
         items are such 2-D/3-D arrays, PIL images or image file paths (str or
         path-like), or the path of a folder, which stands for its image files
-        sorted by name. Byte order does not matter. A 3-D array whose last
-        axis has 3 or 4 entries, fewer than each of its first two, is refused
-        as ambiguous: it reads as one colour image (H, W, C) rather than a
-        stack of grayscale images 3 or 4 pixels wide.
+        sorted by name, or a glob pattern such as ``"images/*.png"``, which
+        stands for the image files it matches, sorted. Byte order does not
+        matter. A 3-D array whose last axis has 3 or 4 entries, fewer than
+        each of its first two, is refused as ambiguous: it reads as one
+        colour image (H, W, C) rather than a stack of grayscale images 3 or 4
+        pixels wide.
 
     Returns
     -------
@@ -190,19 +179,7 @@ def check_images(X):
         images are decoded and checked later by :func:`load_image`.
     """
     if isinstance(X, (str, os.PathLike)):
-        if not Path(X).is_dir():
-            missing = "" if Path(X).exists() else f"{str(X)!r} does not exist. "
-            raise TypeError(
-                f"{missing}X must be a collection of images or a folder of "
-                "image files; to pass one image file, wrap it in a list: "
-                f"[{str(X)!r}]."
-            )
-        folder, X = X, list_image_files(X)
-        if not X:
-            raise ValueError(
-                f"X is the folder {str(folder)!r}, which holds no image files "
-                f"({', '.join(IMAGE_SUFFIXES)})."
-            )
+        X = image_files_of(X)
     if isinstance(X, Image.Image):
         raise TypeError(
             "X must be a collection of images; wrap one PIL image in a list."
@@ -267,7 +244,15 @@ def check_images(X):
             )
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise ValueError(f"{len(missing)} image file(s) of X do not exist: {shown}")
+        hint = ""
+        if any(character in shown for character in "*?["):
+            hint = (
+                ". A glob pattern is expanded when it is X itself, not an item "
+                "of a list: pass X='images/*.png', not ['images/*.png']"
+            )
+        raise ValueError(
+            f"{len(missing)} image file(s) of X do not exist: {shown}{hint}"
+        )
     return sources
 
 

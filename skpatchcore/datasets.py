@@ -13,7 +13,7 @@ from PIL import Image
 from sklearn.utils import Bunch, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 
-from ._images import IMAGE_SUFFIXES, list_image_files
+from ._image_folders import IMAGE_SUFFIXES, list_image_files
 
 __all__ = ["load_elpv", "load_mask", "load_mvtec_folder"]
 
@@ -170,7 +170,9 @@ def load_mvtec_folder(path, *, lazy=True):
     Raises
     ------
     FileNotFoundError
-        If `path`, ``train/good`` or ``test`` is not a folder.
+        If `path`, ``train/good`` or ``test`` is not a folder. If `path` is a
+        sub-folder of a category (such as ``bottle/train/good``), the message
+        names the category folder to pass instead.
     ValueError
         If a folder holds no images, if a defective image has no mask, or if
         a mask's size differs from its image's.
@@ -209,6 +211,7 @@ def load_mvtec_folder(path, *, lazy=True):
     test_dir = root / "test"
     for folder in (train_dir, test_dir):
         if not folder.is_dir():
+            _check_not_inside_a_category(root)
             raise FileNotFoundError(
                 f"{folder} is not a folder. An MVTec AD category folder holds "
                 "train/good, test/<defect type> and ground_truth/<defect type>."
@@ -256,6 +259,20 @@ def load_mvtec_folder(path, *, lazy=True):
         test_defect_types=test_defect_types,
         category=root.resolve().name,
     )
+
+
+def _check_not_inside_a_category(root):
+    """Say which category folder to pass if ``root`` is one of its sub-folders.
+
+    ``load_mvtec_folder("bottle/train/good")`` would otherwise report the
+    doubled path ``bottle/train/good/train/good``.
+    """
+    for category in list(root.resolve().parents)[:3]:
+        if (category / "train" / "good").is_dir() and (category / "test").is_dir():
+            raise FileNotFoundError(
+                f"{root} is inside the MVTec AD category folder {category}: "
+                f"pass the category folder, load_mvtec_folder({str(category)!r})."
+            )
 
 
 def _read_elpv_labels():

@@ -123,13 +123,18 @@ def _save_figure(data, scores, maps, masks, path, *, detector=None):
 
 def main(argv=None):
     """Command-line entry point; see ``python -m skpatchcore.demo --help``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m skpatchcore.demo", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--output", type=Path, default=Path("demo_output"))
     parser.add_argument(
         "--mvtec",
         type=Path,
-        default=_DEFAULT_MVTEC,
-        help="an MVTec-layout category folder (skipped if absent)",
+        default=None,
+        help=(
+            "an MVTec-layout category folder; by default the MPDD metal_plate "
+            "folder of a development checkout, skipped if absent"
+        ),
     )
     parser.add_argument(
         "--elpv-train", type=int, default=100, help="good ELPV cells to fit on"
@@ -143,6 +148,14 @@ def main(argv=None):
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
     parser.add_argument("--random-state", type=int, default=0)
     args = parser.parse_args(argv)
+    # A folder the user names is checked before the ELPV part runs, so that
+    # a typo fails at once rather than after minutes of fitting.
+    mvtec = None
+    if args.mvtec is not None or _DEFAULT_MVTEC.is_dir():
+        try:
+            mvtec = load_mvtec_folder(args.mvtec or _DEFAULT_MVTEC)
+        except (FileNotFoundError, ValueError) as exc:
+            parser.error(f"--mvtec: {exc}")
 
     elpv = load_elpv(
         "mono",
@@ -153,11 +166,13 @@ def main(argv=None):
     )
     options = dict(coreset_ratio=args.coreset_ratio, random_state=args.random_state)
     run("elpv_mono", elpv, args.output, **options)
-    if args.mvtec.is_dir():
-        data = load_mvtec_folder(args.mvtec)
-        run(data.category, data, args.output, **options)
+    if mvtec is not None:
+        run(mvtec.category, mvtec, args.output, **options)
     else:
-        print(f"\n(no MVTec-layout folder at {args.mvtec}: pixel-level demo skipped)")
+        print(
+            f"\n(no MVTec-layout folder at {_DEFAULT_MVTEC} and no --mvtec: "
+            "pixel-level demo skipped)"
+        )
 
 
 if __name__ == "__main__":

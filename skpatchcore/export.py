@@ -9,7 +9,8 @@ RGB values in [0, 1] at the detector's model input size (``image_size`` on
 each side), channels first, before normalisation, which the graph applies.
 Only the batch size may vary. Resizing and cropping each image to that size
 stays outside the graph, as does mapping the maps back onto the original
-images. Its outputs are ``score_samples`` ``(n_images,)``, as
+images: :func:`prepare_images` turns images into that input exactly as the
+detector does. Its outputs are ``score_samples`` ``(n_images,)``, as
 :meth:`~skpatchcore.PatchCoreDetector.score_samples` gives them (higher is
 more normal), and ``maps`` ``(n_images, height, width)``, the anomaly maps on
 the model input. The detector's thresholds travel with the file as metadata
@@ -25,14 +26,16 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from sklearn.utils._param_validation import validate_params
 
 from . import __version__
 from ._detector import PatchCoreDetector
-from ._engine.dense import build_scoring_graph, example_input
+from ._engine.dense import build_scoring_graph, check_exportable, example_input
+from ._images import check_images
 
-__all__ = ["export_onnx", "export_torchscript"]
+__all__ = ["export_onnx", "export_torchscript", "prepare_images"]
 
 _INPUT_NAMES = ["images"]
 _OUTPUT_NAMES = ["score_samples", "maps"]
@@ -244,3 +247,63 @@ def export_torchscript(detector, path):
             },
         )
     return path
+
+
+@validate_params(
+    {"detector": [PatchCoreDetector], "X": "no_validation"},
+    prefer_skip_nested_validation=True,
+)
+def prepare_images(detector, X):
+    """Turn images into the input of a detector's exported graph.
+
+    Each image is read, converted to RGB in [0, 1], resized and centre
+    cropped to the detector's model input and put channels first, exactly
+    as the detector does before its backbone, so that the exported graph
+    scores the result as :meth:`PatchCoreDetector.score_samples` scores the
+    images. Normalisation is left to the graph.
+
+    Parameters
+    ----------
+    detector : PatchCoreDetector
+        The fitted detector that was (or will be) exported. It is not
+        modified.
+
+    X : array-like, list of images, folder or glob pattern
+        Images in any form that :meth:`PatchCoreDetector.score_samples`
+        takes. All of them are returned at once: pass a batch at a time.
+
+    Returns
+    -------
+    images : ndarray of shape (n_images, 3, height, width), dtype=float32
+        The graph's ``images`` input, ``height`` and ``width`` those of the
+        detector's model input.
+
+    Raises
+    ------
+    sklearn.exceptions.NotFittedError
+        If ``detector`` is not fitted.
+    ValueError
+        If ``detector`` cannot be exported (see :func:`export_onnx`), or
+        ``X`` is not valid image input.
+
+    See Also
+    --------
+    export_onnx : Write the graph as an ONNX model.
+    export_torchscript : Write the graph as a TorchScript archive.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpatchcore import PatchCoreDetector
+    >>> from skpatchcore.export import prepare_images
+    >>> images = np.random.default_rng(0).random((4, 40, 48, 3))
+    >>> detector = PatchCoreDetector(
+    ...     backbone="efficientnet_lite0", weights=None, image_size=32,
+    ...     resize=36, random_state=0).fit(images)
+    >>> prepare_images(detector, images[:2]).shape
+    (2, 3, 32, 32)
+    """
+    check_exportable(detector)
+    features = detector.feature_extractor_._engine
+    inputs = [features.model_input(source)[0] for source in check_images(X)]
+    return torch.stack(inputs).numpy().astype(np.float32, copy=False)

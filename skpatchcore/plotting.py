@@ -8,7 +8,7 @@ import os
 from numbers import Integral, Real
 
 import numpy as np
-from sklearn.utils._param_validation import Interval, validate_params
+from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 from sklearn.utils.validation import check_is_fitted
 
 from ._detector import PatchCoreDetector
@@ -53,15 +53,21 @@ def _as_image(image):
     )
 
 
-def _fitted_settings(detector, threshold):
-    """The threshold to draw and the detector's ``(image_size, resize)``."""
+def _fitted_settings(detector, threshold, image_threshold=None):
+    """The pixel and image thresholds and the detector's ``(image_size, resize)``.
+
+    Both thresholds are anomaly scores, higher for more anomalous: the image
+    one defaults to ``-offset_``, which ``score_samples`` is compared with.
+    """
     if detector is None:
-        return threshold, None
+        return threshold, image_threshold, None
     check_is_fitted(detector)
     detector._check_unchanged_since_fit("plot")
     if threshold is None:
         threshold = detector.pixel_threshold_
-    return threshold, (detector.image_size, detector.resize)
+    if image_threshold is None:
+        image_threshold = -float(detector.offset_)
+    return threshold, image_threshold, (detector.image_size, detector.resize)
 
 
 def _unseen_band(shape, input_size):
@@ -199,7 +205,9 @@ def _add_colorbar(figure, mappable, ax, threshold):
     colorbar = figure.colorbar(mappable, ax=ax, label=_COLORBAR_LABEL)
     if threshold is not None:
         colorbar.ax.axhline(threshold, color="black", linewidth=2)
-        colorbar.set_label(f"{_COLORBAR_LABEL} (black line: threshold {threshold:.3g})")
+        colorbar.set_label(
+            f"{_COLORBAR_LABEL} (black line: pixel threshold {threshold:.3g})"
+        )
     return colorbar
 
 
@@ -359,7 +367,7 @@ def plot_anomaly_map(
                 outlines.append((load_mask(outline, shape), style))
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from exc
-    threshold, input_size = _fitted_settings(detector, threshold)
+    threshold, _, input_size = _fitted_settings(detector, threshold)
     unseen, window = _unseen_band(shape, input_size)
     vmin, vmax = _color_range([anomaly_map], [unseen], threshold, vmin, vmax)
 
@@ -387,6 +395,48 @@ def plot_anomaly_map(
     return ax
 
 
+# The rows of plot_extremes: (name in the figure title, label of its images).
+_FALSE_ALARMS = ("likeliest false alarms", "good")
+_MISSES = ("likeliest misses", "defective")
+_CATCHES = ("clearest catches", "defective")
+
+
+def _pick(indices, anomaly_scores, highest_first, n, exclude=()):
+    """The ``n`` of ``indices`` with the highest (or lowest) anomaly scores."""
+    indices = np.setdiff1d(indices, np.asarray(exclude, dtype=int))
+    keys = -anomaly_scores[indices] if highest_first else anomaly_scores[indices]
+    return indices[np.argsort(keys, kind="stable")][:n]
+
+
+def _panel_title(label, i, anomaly_score, image_threshold, note):
+    """Two or three lines: the image and its verdict, its score, the note."""
+    first = f"{label} #{i}"
+    # "#": trailing zeros kept, so that 34.0 does not read as 34 beside 34.3.
+    second = f"anomaly score {anomaly_score:#.3g}"
+    if image_threshold is not None:
+        flagged = anomaly_score > image_threshold
+        first += ": flagged" if flagged else ": not flagged"
+        second += f" (threshold {image_threshold:#.3g})"
+    lines = [first, second] + ([] if note is None else [str(note)])
+    return "\n".join(lines)
+
+
+def _shows_no_catch(misses, anomaly_scores, image_threshold, maps, bands, threshold):
+    """Whether the likeliest misses show nothing that the detector flags.
+
+    With an image threshold, no image of the row is flagged; else, with a
+    pixel threshold, no seen pixel of their maps exceeds it.
+    """
+    if image_threshold is not None:
+        return not np.any(anomaly_scores[misses] > image_threshold)
+    if threshold is not None:
+        return not any(
+            np.any((maps[i] if bands[i] is None else maps[i][~bands[i]]) > threshold)
+            for i in misses
+        )
+    return False
+
+
 @validate_params(
     {
         "images": ["array-like"],
@@ -398,6 +448,9 @@ def plot_anomaly_map(
         "figsize": [tuple, None],
         "threshold": [Real, None],
         "detector": [PatchCoreDetector, None],
+        "image_threshold": [Real, None],
+        "show_catches": ["boolean", StrOptions({"auto"})],
+        "notes": ["array-like", None],
     },
     prefer_skip_nested_validation=True,
 )
@@ -412,16 +465,28 @@ def plot_extremes(
     figsize=None,
     threshold=None,
     detector=None,
+    image_threshold=None,
+    show_catches="auto",
+    notes=None,
 ):
-    """Show the good images that look most defective and the reverse.
+    """Show the likeliest false alarms and the likeliest misses of a test set.
 
-    The top row holds the `n` good images with the lowest scores, the
-    likeliest false alarms; the bottom row the `n` defective images with the
-    highest scores, the likeliest misses. Each shows its anomaly map and its
-    ground-truth outline when `masks` is given. All maps share one colour
-    scale, shown by a colorbar; with a threshold, values below it look calm
-    and values above it hot (see :func:`plot_anomaly_map`). A legend names
-    the outlines and the border band that the model never saw.
+    The top row holds the `n` good images with the highest anomaly scores,
+    the likeliest false alarms; the next row the `n` defective images with
+    the lowest anomaly scores, the likeliest misses. A third row, the
+    clearest catches, holds the defective images with the highest anomaly
+    scores, when `show_catches` asks for it. All values shown are anomaly
+    scores, higher for more anomalous images and pixels: an image's is
+    ``-scores``, its map's are the map values. Each panel is titled with its
+    image's anomaly score and, given an image threshold, whether the image
+    is flagged (its anomaly score exceeds the threshold, i.e. ``predict``
+    returns -1).
+
+    Each panel shows its anomaly map and its ground-truth outline when
+    `masks` is given. All maps share one colour scale, shown by a colorbar
+    with the pixel threshold; with that threshold, map values below it look
+    calm and values above it hot (see :func:`plot_anomaly_map`). A legend
+    names the outlines and the border band that the model never saw.
 
     Parameters
     ----------
@@ -434,7 +499,8 @@ def plot_extremes(
 
     scores : array-like of shape (n_images,)
         Image scores, higher for more normal images, such as
-        :meth:`PatchCoreDetector.decision_function`.
+        :meth:`PatchCoreDetector.score_samples`. The panels show their
+        negation, the anomaly score.
 
     anomaly_maps : sequence of length n_images
         Per-pixel anomaly scores of each image at its own size, such as
@@ -450,24 +516,42 @@ def plot_extremes(
 
     figsize : tuple of (float, float), default=None
         Figure size in inches. None gives 2.5 inches per column, and one
-        more for the colorbar.
+        more for the colorbar, and 3.1 inches per row.
 
     threshold : float, default=None
-        Anomaly score where the colours turn from calm to hot, such as
-        :attr:`PatchCoreDetector.pixel_threshold_`. None takes the
-        ``pixel_threshold_`` of `detector`, if given, else colours the whole
-        scale alike.
+        Pixel threshold: the anomaly score of a map where the colours turn
+        from calm to hot, such as :attr:`PatchCoreDetector.pixel_threshold_`.
+        None takes the ``pixel_threshold_`` of `detector`, if given, else
+        colours the whole scale alike.
 
     detector : PatchCoreDetector, default=None
-        The fitted detector that computed the maps. Its ``pixel_threshold_``
-        is the default `threshold`, and its ``resize`` and ``image_size``
+        The fitted detector that computed the scores and maps. Its
+        ``pixel_threshold_`` is the default `threshold`, its ``-offset_``
+        the default `image_threshold`, and its ``resize`` and ``image_size``
         tell which border band of each image was outside the model's centre
         crop: that band is greyed out and left out of the colour scale.
+
+    image_threshold : float, default=None
+        Image threshold: the anomaly score above which an image is flagged.
+        None takes ``-detector.offset_``, which matches `scores` from
+        ``score_samples`` (pass 0 with scores from ``decision_function``),
+        or, without `detector`, shows no verdict.
+
+    show_catches : bool or "auto", default="auto"
+        Whether to add the row of clearest catches, so that the figure also
+        shows what the detector finds. "auto" adds it when the likeliest
+        misses show no catch: none of them is flagged, or without an image
+        threshold, none of their maps exceeds the pixel threshold.
+
+    notes : sequence of length n_images, default=None
+        One more line under the title of each image shown (such as its
+        p-value), or None for no line. None adds no lines.
 
     Returns
     -------
     fig : matplotlib Figure
-        The figure, with ``2 * n`` axes of images followed by the colorbar's.
+        The figure, with ``2 * n`` axes of images (``3 * n`` with the
+        clearest catches), row by row, followed by the colorbar's.
 
     Raises
     ------
@@ -489,35 +573,59 @@ def plot_extremes(
     >>> images = list(rng.randint(0, 255, size=(6, 16, 16), dtype=np.uint8))
     >>> maps = list(rng.rand(6, 16, 16))
     >>> fig = plot_extremes(images, [1, 1, 1, -1, -1, -1],
-    ...                     [0.5, 0.1, 0.3, -0.2, 0.2, -0.5], maps, n=2,
-    ...                     threshold=0.8)
+    ...                     [-0.5, -0.1, -0.3, -0.2, -0.9, -0.7], maps, n=2,
+    ...                     threshold=0.8, image_threshold=0.6)
+    >>> print(fig.axes[0].get_title())
+    good #0: not flagged
+    anomaly score 0.500 (threshold 0.600)
     >>> len(fig.axes)
     5
     """
     plt = _import_pyplot()
     y_true, scores = _check_image_labels(y_true, scores)
     lengths = {"images": len(images), "anomaly_maps": len(anomaly_maps)}
-    if masks is not None:
-        lengths["masks"] = len(masks)
+    for name, sequence in (("masks", masks), ("notes", notes)):
+        if sequence is not None:
+            lengths[name] = len(sequence)
     for name, length in lengths.items():
         if length != y_true.size:
             raise ValueError(
                 f"{name} has {length} elements but y_true has {y_true.size}."
             )
-    threshold, input_size = _fitted_settings(detector, threshold)
-
+    threshold, image_threshold, input_size = _fitted_settings(
+        detector, threshold, image_threshold
+    )
+    anomaly_scores = -scores
     good = np.flatnonzero(y_true == 1)
     defective = np.flatnonzero(y_true == -1)
     rows = [
-        ("good", good[np.argsort(scores[good], kind="stable")][:n]),
-        ("defective", defective[np.argsort(-scores[defective], kind="stable")][:n]),
+        (_FALSE_ALARMS, _pick(good, anomaly_scores, True, n)),
+        (_MISSES, _pick(defective, anomaly_scores, False, n)),
     ]
-    shown = np.concatenate([indices for _, indices in rows])
-    shown_maps = {i: np.asarray(anomaly_maps[i], dtype=np.float64) for i in shown}
-    unseen_bands = {
-        i: _unseen_band(anomaly_map.shape[:2], input_size)[0]
-        for i, anomaly_map in shown_maps.items()
-    }
+    shown_maps, unseen_bands = {}, {}
+
+    def read_maps(indices):
+        for i in indices:
+            shown_maps[i] = np.asarray(anomaly_maps[i], dtype=np.float64)
+            unseen_bands[i] = _unseen_band(shown_maps[i].shape[:2], input_size)[0]
+
+    for _, indices in rows:
+        read_maps(indices)
+    if show_catches == "auto":
+        show_catches = _shows_no_catch(
+            rows[1][1],
+            anomaly_scores,
+            image_threshold,
+            shown_maps,
+            unseen_bands,
+            threshold,
+        )
+    if show_catches:
+        catches = _pick(defective, anomaly_scores, True, n, exclude=rows[1][1])
+        if catches.size:
+            rows.append((_CATCHES, catches))
+            read_maps(catches)
+    shown = list(shown_maps)
     vmin, vmax = _color_range(
         [shown_maps[i] for i in shown],
         [unseen_bands[i] for i in shown],
@@ -527,13 +635,13 @@ def plot_extremes(
     )
 
     fig, axes = plt.subplots(
-        2,
+        len(rows),
         n,
-        figsize=(2.5 * n + 1.0, 6.2) if figsize is None else figsize,
+        figsize=(2.5 * n + 1.0, 3.1 * len(rows)) if figsize is None else figsize,
         squeeze=False,
         layout="constrained",
     )
-    for row, (label, indices) in enumerate(rows):
+    for row, ((_, label), indices) in enumerate(rows):
         for column, ax in enumerate(axes[row]):
             if column >= indices.size:
                 ax.set_axis_off()
@@ -551,7 +659,11 @@ def plot_extremes(
                 colorbar=False,
                 legend=False,
             )
-            ax.set_title(f"{label} #{i}\nscore {scores[i]:.3g}", fontsize="small")
+            note = None if notes is None else notes[i]
+            ax.set_title(
+                _panel_title(label, i, anomaly_scores[i], image_threshold, note),
+                fontsize="small",
+            )
     _add_colorbar(fig, axes[0, 0].images[-1], axes, threshold)
     handles = _legend_handles(
         masks is not None and any(masks[i] is not None for i in shown),
@@ -559,8 +671,10 @@ def plot_extremes(
         any(unseen_bands[i] is not None for i in shown),
     )
     if handles:
-        _add_legend(axes[1, 0], handles)
-    fig.suptitle(
-        "Lowest-scored good images (top), highest-scored defective images (bottom)"
-    )
+        _add_legend(axes[-1, 0], handles)
+    positions = ["top", "middle", "bottom"] if len(rows) == 3 else ["top", "bottom"]
+    names = [
+        f"{name} ({position})" for ((name, _), _), position in zip(rows, positions)
+    ]
+    fig.suptitle(", ".join(names).capitalize())
     return fig

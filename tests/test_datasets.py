@@ -103,6 +103,16 @@ def test_load_mvtec_folder_missing_folder(mvtec_tree, missing):
         load_mvtec_folder(mvtec_tree)
 
 
+@pytest.mark.parametrize("inside", ["train", "train/good", "test/crack"])
+def test_load_mvtec_folder_names_the_category_of_a_sub_folder(mvtec_tree, inside):
+    with pytest.raises(FileNotFoundError, match="pass the category folder") as info:
+        load_mvtec_folder(mvtec_tree / inside)
+    message = str(info.value)
+    assert repr(str(mvtec_tree.resolve())) in message
+    # Not the doubled path of the old message.
+    assert "good/train/good" not in message
+
+
 def test_load_mvtec_folder_errors(tmp_path, mvtec_tree):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_mvtec_folder(tmp_path / "nowhere")

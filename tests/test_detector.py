@@ -519,7 +519,7 @@ def test_use_before_fit():
         (np.zeros((2, 8, 8), np.int64), TypeError, "dtype int64"),
         (np.zeros((2, 8, 8), object), TypeError, "dtype object"),
         (["no/such/image.png"], ValueError, "do not exist"),
-        ("image.png", TypeError, "wrap it in a list"),
+        ("image.png", FileNotFoundError, "X is .image.png., which does not exist"),
         (np.zeros((40, 50, 3), np.uint8), ValueError, "looks like one RGB image"),
         ({"a.png": np.zeros((8, 8))}, TypeError, "X is a dict"),
         ([np.zeros((8, 8), np.uint8), 5], TypeError, "Image 1"),

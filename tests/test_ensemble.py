@@ -435,3 +435,12 @@ def test_location_scale_of_coinciding_values_is_one():
     assert _location_scale(np.array(values)) == pytest.approx(
         (statistics.fmean(values), statistics.pstdev(values)), rel=1e-12
     )
+
+
+def test_partial_fit_says_to_fit_again_on_all_images():
+    ensemble = mixed_ensemble()
+    # Hidden, as scikit-learn expects of estimators that cannot learn
+    # incrementally, and explained when asked for.
+    assert not hasattr(ensemble, "partial_fit")
+    with pytest.raises(AttributeError, match="Fit the ensemble again on all images"):
+        ensemble.partial_fit(np.zeros((2, 16, 16), np.uint8))

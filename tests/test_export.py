@@ -20,7 +20,7 @@ from PIL import Image
 from sklearn.exceptions import NotFittedError
 
 from skpatchcore import PatchCoreDetector
-from skpatchcore.export import export_onnx, export_torchscript
+from skpatchcore.export import export_onnx, export_torchscript, prepare_images
 
 ATOL = 1e-4
 
@@ -225,6 +225,67 @@ def test_export_follows_the_detectors_settings(
     else:
         outputs = run_torchscript(export_torchscript(detector, path), images)
     assert_same_scoring(outputs, (scores, np.stack(maps)))
+
+
+def run_onnx_on_inputs(path, inputs):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(
+        str(path), providers=["CPUExecutionProvider"]
+    )
+    return session.run(None, {"images": inputs})
+
+
+def test_prepared_image_files_score_as_the_detector(
+    onnx_path, fast_detector, elpv_small
+):
+    # The 300 x 300 cell files, resized by prepare_images, not by hand.
+    paths = elpv_small.test_images
+    inputs = prepare_images(fast_detector, paths)
+    assert inputs.shape == (len(paths), 3, 64, 64) and inputs.dtype == np.float32
+    scores, _ = run_onnx_on_inputs(onnx_path, inputs)
+    np.testing.assert_allclose(
+        scores, fast_detector.score_samples(paths), rtol=0, atol=ATOL
+    )
+
+
+def test_prepared_images_of_any_kind_score_as_the_detector(tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng(0)
+    # Resized so that the shorter side is 10, then the centre 8 x 8 cropped.
+    detector = tiny_detector(8, resize=10).fit(rng.random((3, 12, 16, 3)))
+    path = tmp_path / "gray.png"
+    Image.fromarray(rng.integers(0, 256, (20, 14), dtype=np.uint8)).save(path)
+    images = [
+        rng.integers(0, 256, (12, 16, 3), dtype=np.uint8),
+        rng.random((30, 10)),
+        path,
+        rng.integers(0, 65536, (10, 10, 4), dtype=np.uint16),
+    ]
+    inputs = prepare_images(detector, images)
+    assert inputs.shape == (4, 3, 8, 8)
+    scores, _ = run_onnx_on_inputs(export_onnx(detector, tmp_path / "d.onnx"), inputs)
+    np.testing.assert_allclose(
+        scores, detector.score_samples(images), rtol=0, atol=ATOL
+    )
+
+
+def test_prepared_images_at_the_input_size_are_the_pixels_channels_first():
+    rng = np.random.default_rng(0)
+    detector = tiny_detector((4, 6)).fit(rng.random((3, 4, 6, 3)))
+    images = rng.integers(0, 256, (2, 4, 6, 3), dtype=np.uint8)
+    np.testing.assert_allclose(
+        prepare_images(detector, images),
+        images.transpose(0, 3, 1, 2) / 255.0,
+        rtol=0,
+        atol=1e-7,
+    )
+    with pytest.raises(NotFittedError):
+        prepare_images(tiny_detector(4), images)
+    keep_aspect = tiny_detector(4, resize="keep_aspect").fit(images)
+    with pytest.raises(ValueError, match="fixed input shape"):
+        prepare_images(keep_aspect, images)
 
 
 @pytest.mark.parametrize("export", [export_onnx, export_torchscript])

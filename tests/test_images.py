@@ -274,7 +274,7 @@ def test_elongated_image_is_refused_before_resizing():
     [
         ({"a.png": 1}, TypeError, "X is a dict.*list\\(X.values\\(\\)\\)"),
         ({"a.png", "b.png"}, TypeError, "X is a set, which has no order"),
-        ("no/such/folder", TypeError, "'no/such/folder' does not exist"),
+        ("no/such/folder", FileNotFoundError, "'no/such/folder', which does not exist"),
         (["a.png", "b.png"], ValueError, "2 image file.*image 0 \\('a.png'\\)"),
         (np.zeros((2, 3, 8, 8)), ValueError, "Channels come last"),
     ],
@@ -282,6 +282,72 @@ def test_elongated_image_is_refused_before_resizing():
 def test_misleading_inputs_get_plain_messages(X, error, match):
     with pytest.raises(error, match=match):
         check_images(X)
+
+
+def test_a_missing_folder_is_named_without_the_list_hint(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match="does not exist") as info:
+        check_images(missing)
+    assert repr(str(missing)) in str(info.value)
+    assert "wrap it in a list" not in str(info.value)
+
+
+def _write_images(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(folder / name)
+
+
+def test_a_glob_pattern_stands_for_the_images_it_matches(tmp_path):
+    _write_images(tmp_path / "a", ["2.png", "1.png", "3.jpg"])
+    _write_images(tmp_path / "b", ["0.png"])
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+
+    sources = check_images(str(tmp_path / "a" / "*.png"))
+    assert [s.image for s in sources] == [
+        tmp_path / "a" / n for n in ("1.png", "2.png")
+    ]
+    # Any depth with **, sorted by path; non-image matches are left out.
+    sources = check_images(str(tmp_path / "**" / "*"))
+    assert [s.image.relative_to(tmp_path).as_posix() for s in sources] == [
+        "a/1.png",
+        "a/2.png",
+        "a/3.jpg",
+        "b/0.png",
+    ]
+    pattern = str(tmp_path / "c" / "*.png")
+    with pytest.raises(FileNotFoundError, match="matches no file") as info:
+        check_images(pattern)
+    assert repr(pattern) in str(info.value)
+    assert "wrap it in a list" not in str(info.value)
+    with pytest.raises(ValueError, match="1 match.*include no image file"):
+        check_images(str(tmp_path / "a" / "*.txt"))
+    # A pattern inside a list is a file name, which does not exist.
+    with pytest.raises(ValueError, match="expanded when it is X itself"):
+        check_images([str(tmp_path / "a" / "*.png")])
+
+
+def test_a_folder_with_images_only_below_names_its_sub_folders(tmp_path):
+    category = tmp_path / "bottle"
+    _write_images(category / "train" / "good", ["0.png"])
+    for defect in ("broken", "contamination", "good"):
+        _write_images(category / "test" / defect, ["0.png"])
+    (category / "license.txt").write_text("not an image")
+
+    with pytest.raises(ValueError, match="sub-folders are not searched") as info:
+        check_images(category)
+    message = str(info.value)
+    # Training folders first, then the shallower, then by name.
+    assert "'train/good', 'test/good', 'test/broken'" in message
+    assert "contamination" not in message
+    assert repr(str(category / "train" / "good")) in message
+    # Only the top level empty: the deeper folder is found.
+    with pytest.raises(ValueError, match="'good'; pass one of them"):
+        check_images(category / "train")
+    # No images anywhere: no list of sub-folders.
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(ValueError, match="not searched.$"):
+        check_images(tmp_path / "empty")
 
 
 def test_lazy_sources_keep_their_position(tmp_path):

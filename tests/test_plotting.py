@@ -99,9 +99,11 @@ def test_plot_extremes_picks_hardest_images(scored_images):
     # Four image axes, then the colorbar's.
     assert len(fig.axes) == 5
     top, bottom = fig.axes[:2], fig.axes[2:4]
-    # Good images with the lowest scores: #1 (-0.3), then #3 (0.1).
+    # Good images with the highest anomaly scores, -scores: #1 (0.3), then
+    # #3 (-0.1).
     assert [ax.get_title().split("\n")[0] for ax in top] == ["good #1", "good #3"]
-    # Defective images with the highest scores: #6 (0.5), then #4 (0.2).
+    # Defective images with the lowest anomaly scores: #6 (-0.5), then #4
+    # (-0.2).
     assert [ax.get_title().split("\n")[0] for ax in bottom] == [
         "defective #6",
         "defective #4",
@@ -135,20 +137,114 @@ def test_plot_extremes_errors(scored_images):
         plot_extremes(images, labels, scores, maps, n=0)
 
 
+def _titles(fig):
+    return [ax.get_title() for ax in fig.axes if ax.images]
+
+
+def test_panels_say_whether_each_image_is_flagged(scored_images):
+    images, labels, scores, maps, _ = scored_images
+    # Anomaly scores are -scores: good #1 0.3, #3 -0.1; defective #6 -0.5,
+    # #4 -0.2 (the likeliest misses) and #5 0.8. Image threshold 0:
+    # good #1 is a false alarm, the others pass; #5 is the only catch.
+    fig = plot_extremes(
+        images, labels, scores, maps, n=2, image_threshold=0.0, threshold=0.95
+    )
+    assert _titles(fig)[:4] == [
+        "good #1: flagged\nanomaly score 0.300 (threshold 0.00)",
+        "good #3: not flagged\nanomaly score -0.100 (threshold 0.00)",
+        "defective #6: not flagged\nanomaly score -0.500 (threshold 0.00)",
+        "defective #4: not flagged\nanomaly score -0.200 (threshold 0.00)",
+    ]
+    assert fig.get_suptitle() == (
+        "Likeliest false alarms (top), likeliest misses (middle), "
+        "clearest catches (bottom)"
+    )
+    # Neither miss is flagged: the clearest catch is added, and only it, as
+    # the misses are not repeated.
+    assert _titles(fig)[4:] == [
+        "defective #5: flagged\nanomaly score 0.800 (threshold 0.00)"
+    ]
+    assert len(fig.axes) == 3 * 2 + 1
+
+    # Without an image threshold: the score alone, and two rows.
+    fig = plot_extremes(images, labels, scores, maps, n=2, show_catches=False)
+    assert _titles(fig)[0] == "good #1\nanomaly score 0.300"
+    assert fig.get_suptitle() == (
+        "Likeliest false alarms (top), likeliest misses (bottom)"
+    )
+
+
+def test_image_threshold_comes_from_the_detector(scored_images):
+    images, labels, scores, maps, _ = scored_images
+    # offset_ -0.15: score_samples below it, anomaly scores above 0.15, are
+    # flagged; defective #4 (-0.2) is not, and is a miss.
+    detector = _fitted_stub(image_size=8, resize=None, threshold=2.0, offset=-0.15)
+    fig = plot_extremes(images, labels, scores, maps, n=2, detector=detector)
+    titles = _titles(fig)
+    assert titles[0] == "good #1: flagged\nanomaly score 0.300 (threshold 0.150)"
+    assert (
+        titles[3] == "defective #4: not flagged\nanomaly score -0.200 (threshold 0.150)"
+    )
+    # An explicit image_threshold wins over the detector's.
+    fig = plot_extremes(
+        images, labels, scores, maps, n=2, detector=detector, image_threshold=0.5
+    )
+    assert (
+        _titles(fig)[0] == "good #1: not flagged\nanomaly score 0.300 (threshold 0.500)"
+    )
+
+
+def test_catches_are_added_only_when_the_misses_show_none(scored_images):
+    images, labels, scores, maps, _ = scored_images
+    # Image threshold -0.3: the likeliest miss #4 (-0.2) is flagged, so the
+    # figure already shows a catch.
+    fig = plot_extremes(images, labels, scores, maps, n=2, image_threshold=-0.3)
+    assert len(fig.axes) == 2 * 2 + 1
+    # Without an image threshold the pixel threshold decides: the maps of
+    # the misses (values in [0, 1)) exceed 0.5 but none exceeds 1.5.
+    fig = plot_extremes(images, labels, scores, maps, n=2, threshold=0.5)
+    assert len(fig.axes) == 2 * 2 + 1
+    fig = plot_extremes(images, labels, scores, maps, n=2, threshold=1.5)
+    assert len(fig.axes) == 3 * 2 + 1
+    # Asked for: the catches are shown whatever the thresholds.
+    fig = plot_extremes(
+        images, labels, scores, maps, n=2, image_threshold=-0.3, show_catches=True
+    )
+    assert len(fig.axes) == 3 * 2 + 1
+
+
+def test_notes_add_a_line_per_panel(scored_images):
+    images, labels, scores, maps, _ = scored_images
+    notes = [f"note {i}" for i in range(len(images))]
+    notes[3] = None
+    fig = plot_extremes(
+        images, labels, scores, maps, n=2, notes=notes, show_catches=False
+    )
+    assert [title.split("\n")[2:] for title in _titles(fig)] == [
+        ["note 1"],
+        [],
+        ["note 6"],
+        ["note 4"],
+    ]
+    with pytest.raises(ValueError, match="notes has 2 elements"):
+        plot_extremes(images, labels, scores, maps, notes=notes[:2])
+
+
 def test_missing_matplotlib(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     with pytest.raises(ImportError, match=r'pip install "skpatchcore\[plot\]"'):
         plot_anomaly_map(np.zeros((4, 4)), np.zeros((4, 4)))
 
 
-def _fitted_stub(image_size, resize, threshold=0.5):
+def _fitted_stub(image_size, resize, threshold=0.5, offset=-0.5):
     """A detector whose fitted state is set by hand.
 
-    Plotting reads only ``pixel_threshold_`` and the resize / crop parameters;
-    a real fit would cost seconds and test nothing more here.
+    Plotting reads only ``pixel_threshold_``, ``offset_`` and the resize /
+    crop parameters; a real fit would cost seconds and test nothing more here.
     """
     detector = PatchCoreDetector(image_size=image_size, resize=resize)
     detector.pixel_threshold_ = threshold
+    detector.offset_ = offset
     detector._fitted_params = detector.get_params(deep=False)
     return detector
 
@@ -174,7 +270,9 @@ def _band_patches(ax):
 @pytest.mark.parametrize("threshold", [None, 0.5, 1.5])
 def test_plot_extremes_shares_one_colour_scale(scored_images, threshold):
     images, labels, scores, maps, _ = scored_images
-    fig = plot_extremes(images, labels, scores, maps, n=2, threshold=threshold)
+    fig = plot_extremes(
+        images, labels, scores, maps, n=2, threshold=threshold, show_catches=False
+    )
 
     # Shown: good #1, #3 and defective #6, #4 (see the test above). Their
     # maps have different ranges, so one scale per map would differ.
@@ -212,7 +310,7 @@ def test_colorbar_marks_the_threshold(scored_images):
     fig = plot_extremes(images, labels, scores, maps, n=2, threshold=0.7)
     (colorbar_ax,) = _colorbars(fig)
     assert "anomaly score" in colorbar_ax.get_ylabel()
-    assert "threshold 0.7" in colorbar_ax.get_ylabel()
+    assert "pixel threshold 0.7" in colorbar_ax.get_ylabel()
     assert [tuple(line.get_ydata()) for line in colorbar_ax.lines] == [(0.7, 0.7)]
     assert _map_artists(fig)[0].colorbar is not None
 

@@ -206,6 +206,16 @@ class PatchFeatures:
             size_multiple=self.size_multiple or 1, max_image_size=self.max_image_size
         )
 
+    def model_input(self, source):
+        """One validated image source as ``(tensor (3, h, w), geometry)``.
+
+        The tensor is the resized (and cropped) RGB image in [0, 1], before
+        normalisation, which :meth:`extract` applies.
+        """
+        return to_model_input(
+            load_image(source), self.image_size, self.resize, **self.input_settings()
+        )
+
     def geometry(self, height, width):
         """Where the model input of an image of ``height x width`` lies in it."""
         return input_geometry(
@@ -285,12 +295,7 @@ class PatchFeatures:
         for start in range(0, len(sources), batch_size):
             inputs, geometries = [], []
             for source in sources[start : start + batch_size]:
-                tensor, geometry = to_model_input(
-                    load_image(source),
-                    self.image_size,
-                    self.resize,
-                    **self.input_settings(),
-                )
+                tensor, geometry = self.model_input(source)
                 inputs.append(tensor)
                 geometries.append(geometry)
             yield self._features_of(inputs, geometries)
