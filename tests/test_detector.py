@@ -8,7 +8,13 @@ import joblib
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_PARAMS, MPDD
+from conftest import (
+    FAST_PARAMS,
+    MPDD,
+    odd_one_out_images,
+    tiny_detector,
+    tiny_features,
+)
 from PIL import Image
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
@@ -1152,3 +1158,22 @@ def test_bool_for_an_int_is_named_as_such(cell_arrays):
     member = PatchCoreDetector(**dict(FAST_PARAMS, patch_size=True))
     with pytest.raises(InvalidParameterError, match=message):
         PatchCoreEnsemble([("a", member)]).fit(cell_arrays[:2])
+
+
+def test_tiny_backbone_maps_decisions_and_masks():
+    # Fast: with one feature per pixel, no smoothing and every training
+    # pixel in the bank, a map is each pixel's distance to its nearest
+    # training pixel, computed here with NumPy.
+    train, test = odd_one_out_images()
+    detector = tiny_detector(sigma=0.0, n_reweight_neighbors=1).fit(train)
+    bank = tiny_features(train).reshape(-1, 4)
+    features = tiny_features(test)
+    gaps = features[..., None, :] - bank
+    expected = np.sqrt((gaps**2).sum(axis=-1)).min(axis=-1)
+    maps, scores = detector.anomaly_maps(test, return_score_samples=True)
+    np.testing.assert_allclose(np.stack(maps), expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(scores, -expected.max(axis=(1, 2)), rtol=1e-4)
+    assert list(detector.predict(test)) == [1, -1]
+    mask = detector.predict_masks(test)[1]
+    assert mask[2:4, 5:7].all() and mask.sum() == 4
+    assert not detector.predict_masks(test)[0].any()
