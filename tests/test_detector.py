@@ -768,6 +768,7 @@ def test_calibration_sample_is_bounded(cell_arrays):
     np.testing.assert_allclose(detector.offset_, min(held_out), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_partitioned_fit_holds_only_the_bank_and_a_few_chunks():
     # 300 images of 32 x 32 patches with 64 features: 75 MiB of patch
     # features in all. The partitioned fit keeps 1 % of them and one chunk
@@ -1102,6 +1103,7 @@ def _mass_near(anomaly_map, clean_map, scratch, margin=100):
     return near.sum() / excess.sum()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not KOLEKTOR.is_dir(), reason="shared KolektorSDD not present")
 def test_keep_aspect_finds_a_scratch_where_it_is_on_a_long_part():
     train = sorted((KOLEKTOR / "train" / "good").glob("*.png"))[:6]
