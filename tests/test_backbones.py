@@ -108,6 +108,7 @@ def test_lite0_pretrained_classifies_sample_images(lite0, sample_batch):
     assert (probabilities.max(dim=1).values > 0.15).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LITE)
 def test_lite_random_weights_do_not_classify(name):
     _, image_size, resize = LITE[name]
@@ -577,6 +578,7 @@ def test_layer_that_does_not_run():
         build_feature_network(_Skips(), ("used", "unused"), image_size=8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
 def test_feature_network_matches_torchvision_feature_extraction(name):
     torch.manual_seed(0)

@@ -108,6 +108,7 @@ def test_vit_maps_are_timms_intermediates(dino, layers, intermediates):
     _assert_close(features, aggregated.permute(0, 2, 3, 1))
 
 
+@pytest.mark.slow
 def test_eva_keeps_its_rotary_embedding(tmp_path):
     # EVA-02 and DINOv3 call their rotary embedding by a method, not its
     # forward: the network must keep it although no forward hook sees it run.
@@ -133,6 +134,7 @@ def test_eva_keeps_its_rotary_embedding(tmp_path):
     _assert_close(found, expected)
 
 
+@pytest.mark.slow
 def test_cnn_maps_are_timms_feature_maps(resnet):
     path, model = resnet
     extractor = PatchFeatureExtractor(
@@ -222,6 +224,7 @@ def _local_vit_file(path):
     return str(path)
 
 
+@pytest.mark.slow
 def test_vit_defect_lands_on_its_pixels_with_keep_aspect(tmp_path):
     rng = np.random.default_rng(0)
     height, width = 80, 176
