@@ -426,6 +426,7 @@ def test_keep_aspect_grids_follow_each_image_in_one_call():
     assert isinstance(same, list) and [f.shape for f in same] == [(8, 20, 32)] * 2
 
 
+@pytest.mark.slow
 def test_keep_aspect_max_image_size_caps_the_longer_side():
     extractor = PatchFeatureExtractor(
         "resnet18",
