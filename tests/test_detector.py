@@ -1179,3 +1179,19 @@ def test_tiny_backbone_maps_decisions_and_masks():
     mask = detector.predict_masks(test)[1]
     assert mask[2:4, 5:7].all() and mask.sum() == 4
     assert not detector.predict_masks(test)[0].any()
+
+
+def test_tiny_partial_fit_keeps_every_patch_of_both_calls():
+    # Fast: with coreset_ratio=1 the bank is every training pixel's feature,
+    # whichever call brought it; compared as sets of rows.
+    train, test = odd_one_out_images()
+    detector = tiny_detector().partial_fit(train[:4]).partial_fit(train[4:])
+    assert detector.n_train_images_ == 8
+    expected = tiny_features(train).reshape(-1, 4)
+    bank = detector.memory_bank_.astype(np.float64)
+    np.testing.assert_allclose(
+        bank[np.lexsort(bank.T)], expected[np.lexsort(expected.T)], rtol=1e-5
+    )
+    assert list(detector.predict(test)) == [1, -1]
+    with pytest.raises(ValueError, match="sigma"):
+        detector.set_params(sigma=1.0).predict(test)
