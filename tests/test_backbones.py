@@ -108,6 +108,7 @@ def test_lite0_pretrained_classifies_sample_images(lite0, sample_batch):
     assert (probabilities.max(dim=1).values > 0.15).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LITE)
 def test_lite_random_weights_do_not_classify(name):
     _, image_size, resize = LITE[name]
@@ -160,6 +161,7 @@ def test_lite_default_weights_need_the_offline_extra(monkeypatch, name):
         load_backbone(name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LITE)
 @pytest.mark.parametrize("size", PARITIES)
 def test_lite_stage_channels_and_strides(name, size):
@@ -189,6 +191,7 @@ def test_lite_stage_channels_and_strides(name, size):
     torch.testing.assert_close(features["stage5"], stage5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LITE)
 def test_lite_layout(name):
     torch.manual_seed(0)
@@ -220,6 +223,7 @@ def test_lite_native_sizes_are_documented():
     assert list(EFFICIENTNET_LITE_VARIANTS) == list(LITE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
 def test_lite_pretrained_classifies_sample_images(name):
     _lite_file(name)
@@ -261,6 +265,7 @@ def _stage_outputs(module, x, stages):
     return logits, outputs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LITE)
 def test_lite_matches_its_reference_implementation(name):
     reference_package = pytest.importorskip("efficientnet_lite_pytorch")
@@ -289,6 +294,7 @@ def test_lite_matches_its_reference_implementation(name):
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LITE)
 def test_lite_is_timms_network(name):
     timm = pytest.importorskip("timm")
@@ -321,6 +327,7 @@ def test_lite_needs_timm(monkeypatch):
         load_backbone("efficientnet_lite1", weights=None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
 def test_lite_weights_from_local_file(name, tmp_path):
     path = _lite_file(name)
@@ -571,6 +578,7 @@ def test_layer_that_does_not_run():
         build_feature_network(_Skips(), ("used", "unused"), image_size=8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
 def test_feature_network_matches_torchvision_feature_extraction(name):
     torch.manual_seed(0)
@@ -597,6 +605,7 @@ def test_feature_network_matches_torchvision_feature_extraction(name):
             torch.testing.assert_close(features[layer], expected[layer], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_feature_network_matches_an_explicit_forward():
     torch.manual_seed(0)
     module = load_backbone("resnet18", weights=None)[0]
@@ -616,6 +625,7 @@ def test_feature_network_matches_an_explicit_forward():
     torch.testing.assert_close(features["layer3"], layer3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(64, 64), (97, 130)])
 def test_lite_channels_last_features(size):
     # The feature extractor runs the network channels-last; timm's padded
@@ -636,6 +646,7 @@ def test_lite_channels_last_features(size):
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", PARITIES)
 def test_lite_stride_2_layers_pad_as_tensorflow(size):
     # TensorFlow's "same" padding, which the weights expect: the zeros that

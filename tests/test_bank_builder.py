@@ -123,6 +123,7 @@ def test_keeping_every_patch_selects_nothing():
         assert any(np.array_equal(row, patch) for patch in images[image].reshape(6, 6))
 
 
+@pytest.mark.slow
 def test_parallel_chunks_give_the_same_bank():
     images = toy_images(30)
     one, one_images, _ = build(images)

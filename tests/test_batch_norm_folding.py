@@ -35,6 +35,7 @@ def probe():
     return torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, weights",
     [
@@ -62,6 +63,7 @@ def test_folded_network_has_no_batch_norm_and_same_outputs(name, weights, probe)
         )
 
 
+@pytest.mark.slow
 def test_network_is_not_modified(probe):
     module, layers, _, _ = load_backbone("resnet18", None)
     network = build_feature_network(module, layers, 64)

@@ -8,7 +8,13 @@ import joblib
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_PARAMS, MPDD
+from conftest import (
+    FAST_PARAMS,
+    MPDD,
+    odd_one_out_images,
+    tiny_detector,
+    tiny_features,
+)
 from PIL import Image
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
@@ -762,6 +768,7 @@ def test_calibration_sample_is_bounded(cell_arrays):
     np.testing.assert_allclose(detector.offset_, min(held_out), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_partitioned_fit_holds_only_the_bank_and_a_few_chunks():
     # 300 images of 32 x 32 patches with 64 features: 75 MiB of patch
     # features in all. The partitioned fit keeps 1 % of them and one chunk
@@ -1096,6 +1103,7 @@ def _mass_near(anomaly_map, clean_map, scratch, margin=100):
     return near.sum() / excess.sum()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not KOLEKTOR.is_dir(), reason="shared KolektorSDD not present")
 def test_keep_aspect_finds_a_scratch_where_it_is_on_a_long_part():
     train = sorted((KOLEKTOR / "train" / "good").glob("*.png"))[:6]
@@ -1152,3 +1160,38 @@ def test_bool_for_an_int_is_named_as_such(cell_arrays):
     member = PatchCoreDetector(**dict(FAST_PARAMS, patch_size=True))
     with pytest.raises(InvalidParameterError, match=message):
         PatchCoreEnsemble([("a", member)]).fit(cell_arrays[:2])
+
+
+def test_tiny_backbone_maps_decisions_and_masks():
+    # Fast: with one feature per pixel, no smoothing and every training
+    # pixel in the bank, a map is each pixel's distance to its nearest
+    # training pixel, computed here with NumPy.
+    train, test = odd_one_out_images()
+    detector = tiny_detector(sigma=0.0, n_reweight_neighbors=1).fit(train)
+    bank = tiny_features(train).reshape(-1, 4)
+    features = tiny_features(test)
+    gaps = features[..., None, :] - bank
+    expected = np.sqrt((gaps**2).sum(axis=-1)).min(axis=-1)
+    maps, scores = detector.anomaly_maps(test, return_score_samples=True)
+    np.testing.assert_allclose(np.stack(maps), expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(scores, -expected.max(axis=(1, 2)), rtol=1e-4)
+    assert list(detector.predict(test)) == [1, -1]
+    mask = detector.predict_masks(test)[1]
+    assert mask[2:4, 5:7].all() and mask.sum() == 4
+    assert not detector.predict_masks(test)[0].any()
+
+
+def test_tiny_partial_fit_keeps_every_patch_of_both_calls():
+    # Fast: with coreset_ratio=1 the bank is every training pixel's feature,
+    # whichever call brought it; compared as sets of rows.
+    train, test = odd_one_out_images()
+    detector = tiny_detector().partial_fit(train[:4]).partial_fit(train[4:])
+    assert detector.n_train_images_ == 8
+    expected = tiny_features(train).reshape(-1, 4)
+    bank = detector.memory_bank_.astype(np.float64)
+    np.testing.assert_allclose(
+        bank[np.lexsort(bank.T)], expected[np.lexsort(expected.T)], rtol=1e-5
+    )
+    assert list(detector.predict(test)) == [1, -1]
+    with pytest.raises(ValueError, match="sigma"):
+        detector.set_params(sigma=1.0).predict(test)

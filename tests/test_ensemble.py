@@ -6,7 +6,7 @@ import statistics
 import joblib
 import numpy as np
 import pytest
-from conftest import FAST_PARAMS
+from conftest import FAST_PARAMS, odd_one_out_images, tiny_detector
 from PIL import Image
 from scipy.stats import rankdata
 from sklearn.base import clone
@@ -444,3 +444,27 @@ def test_partial_fit_says_to_fit_again_on_all_images():
     assert not hasattr(ensemble, "partial_fit")
     with pytest.raises(AttributeError, match="Fit the ensemble again on all images"):
         ensemble.partial_fit(np.zeros((2, 16, 16), np.uint8))
+
+
+def test_tiny_members_combine_as_standardised_means():
+    # Fast: two 1x1-convolution members with different weights.
+    train, test = odd_one_out_images()
+    members = [tiny_detector(seed=0), tiny_detector(seed=1, patch_size=3)]
+    ensemble = PatchCoreEnsemble(
+        [("a", members[0]), ("b", members[1])], random_state=0
+    ).fit(train)
+    fitted = ensemble.detectors_
+    expected = np.mean(
+        [standardised(m.score_samples(test), m.calibration_scores_) for m in fitted],
+        axis=0,
+    )
+    np.testing.assert_allclose(ensemble.score_samples(test), expected, rtol=1e-9)
+    maps = np.mean(
+        [
+            standardised(np.stack(m.anomaly_maps(test)), m.calibration_map_maxima_)
+            for m in fitted
+        ],
+        axis=0,
+    )
+    np.testing.assert_allclose(np.stack(ensemble.anomaly_maps(test)), maps, rtol=1e-6)
+    assert list(ensemble.predict(test)) == [1, -1]

@@ -204,7 +204,7 @@ def tiny_detector(image_size, **params):
         ("torchscript", 4, 1.5, 3),
         # No smoothing, no re-weighting, a non-square input.
         ("torchscript", (4, 6), 0.0, 1),
-        ("onnx", (4, 6), 1.5, 3),
+        pytest.param("onnx", (4, 6), 1.5, 3, marks=pytest.mark.slow),
     ],
 )
 def test_export_follows_the_detectors_settings(

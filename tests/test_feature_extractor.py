@@ -100,6 +100,7 @@ def test_channel_projection_equals_adaptive_pooling():
     np.testing.assert_allclose(adaptive_pool_matrix(7, 3).sum(axis=1), 1.0)
 
 
+@pytest.mark.slow
 def test_lite0_features_and_pickle():
     images = np.random.default_rng(3).random((3, 70, 90, 3))
     extractor = PatchFeatureExtractor(
@@ -121,6 +122,7 @@ def test_parameter_errors():
         PatchFeatureExtractor(TwoLayers()).fit()
 
 
+@pytest.mark.slow
 def test_joblib_round_trip_keeps_only_the_weights_used(tmp_path):
     images = np.random.default_rng(4).random((2, 64, 64, 3))
     torch.manual_seed(0)
@@ -265,6 +267,7 @@ def test_normalization_of_a_module_backbone():
     assert not np.allclose(imagenet.transform(images), features, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_normalization_overrides_a_named_backbone():
     normalization = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     params = dict(weights=None, image_size=32, resize=None, feature_dim=8)
@@ -364,6 +367,7 @@ def test_keep_aspect_takes_the_whole_image_at_its_own_shape():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "backbone, layers, patch_stride, expected",
     [
@@ -389,6 +393,7 @@ def test_keep_aspect_size_multiple_is_the_largest_grid_stride(
     assert extractor.size_multiple_ == expected
 
 
+@pytest.mark.slow
 def test_keep_aspect_grids_follow_each_image_in_one_call():
     rng = np.random.default_rng(8)
     # Three shapes, in an order that mixes them within batches of 4.
@@ -421,6 +426,7 @@ def test_keep_aspect_grids_follow_each_image_in_one_call():
     assert isinstance(same, list) and [f.shape for f in same] == [(8, 20, 32)] * 2
 
 
+@pytest.mark.slow
 def test_keep_aspect_max_image_size_caps_the_longer_side():
     extractor = PatchFeatureExtractor(
         "resnet18",
@@ -437,6 +443,7 @@ def test_keep_aspect_max_image_size_caps_the_longer_side():
     assert extractor.get_grid_shape((64, 64, 3)) == (8, 8)
 
 
+@pytest.mark.slow
 def test_keep_aspect_extractor_pickles():
     images = [np.random.default_rng(9).random((70, 150, 3))] * 2
     extractor = PatchFeatureExtractor(
@@ -489,6 +496,7 @@ def test_get_grid_shape_names_a_bad_shape(image_shape):
         extractor.get_grid_shape(image_shape)
 
 
+@pytest.mark.slow
 def test_bfloat16_backbone_pass(monkeypatch):
     # The GPU runs the backbone under bfloat16 autocast; the same path,
     # forced on the CPU, must give float32 features close to float32 ones.

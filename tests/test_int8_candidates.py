@@ -52,6 +52,7 @@ def test_keys_are_integer_half_distances(clusters):
     assert np.abs(keys - expected).max() <= 2 * 127
 
 
+@pytest.mark.slow
 def test_keys_rank_like_distances(clusters):
     bank, queries = clusters
     int8_bank = Int8Bank(torch.from_numpy(bank))
@@ -62,6 +63,7 @@ def test_keys_rank_like_distances(clusters):
     assert rank.max() <= search._RERANK_MARGIN
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 9])
 def test_int8_search_matches_brute_force(clusters, k):
     # Several neighbours are ranked in float32: on such concentrated
@@ -89,6 +91,7 @@ def test_int8_and_float_rankings_give_the_same_neighbours(clusters, monkeypatch)
     assert not np.any(groups[1][found[True][1]] == groups[0][:, None])
 
 
+@pytest.mark.slow
 def test_queries_beyond_the_bank_range_are_ranked_in_float(clusters):
     bank, queries = clusters
     queries = queries.copy()

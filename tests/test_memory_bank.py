@@ -65,6 +65,7 @@ def test_precise_where_the_expanded_formula_cancels():
     np.testing.assert_allclose(distances[0, 0], true_distance, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("query_tile, bank_tile", [(7, 64), (300, 5), (1, 1000)])
 def test_independent_of_tiles(data, monkeypatch, query_tile, bank_tile):
     bank, queries = data
@@ -104,6 +105,7 @@ def test_excluded_groups_are_never_matched(data):
         np.testing.assert_allclose(distances[q], d[0], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_pynndescent_finds_the_true_neighbours_on_easy_data(data):
     bank, queries = data
     distances, indices = MemoryBank(
@@ -235,6 +237,7 @@ def test_ivf_does_not_depend_on_query_batches_or_threads(monkeypatch):
         np.testing.assert_array_equal(result[0], whole[0])
 
 
+@pytest.mark.slow
 def test_ivf_is_seeded_and_kept_when_pickled():
     import pickle
 

@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_PARAMS
+from conftest import FAST_PARAMS, odd_one_out_images, tiny_detector
 
 from skpatchcore import PatchCoreDetector, PatchFeatureExtractor
 from skpatchcore._persistence import PortableModule, TensorDict
@@ -290,3 +290,26 @@ def test_normalization_is_saved_and_used(cell_arrays, elpv_small, tmp_path):
             normalization
         )
         np.testing.assert_array_equal(loaded.score_samples(X), expected)
+
+
+def test_tiny_module_detector_round_trips_through_skops(tmp_path):
+    # Fast: a 1x1-convolution backbone on synthetic images; the file asks
+    # for the module's own classes besides skpatchcore's.
+    train, test = odd_one_out_images()
+    detector = tiny_detector().fit(train)
+    path = tmp_path / "detector.skops"
+    sio.dump(detector, path)
+    untrusted = sio.get_untrusted_types(file=path)
+    assert sorted(untrusted) == sorted(
+        SKPATCHCORE_TYPES
+        + [
+            "skpatchcore._persistence.PortableModule",
+            "torch.nn.modules.container.Sequential",
+            "torch.nn.modules.conv.Conv2d",
+        ]
+    )
+    loaded = sio.load(path, trusted=untrusted)
+    np.testing.assert_array_equal(
+        loaded.score_samples(test), detector.score_samples(test)
+    )
+    assert loaded.offset_ == detector.offset_

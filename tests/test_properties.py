@@ -18,6 +18,9 @@ from PIL import Image
 import skpatchcore
 from skpatchcore import PatchCoreDetector
 
+# Hundreds of examples, each through a real backbone: seconds in all.
+pytestmark = pytest.mark.slow
+
 # Tiny model inputs keep every example to a few milliseconds.
 TINY_PARAMS = dict(
     backbone="efficientnet_lite0",

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import FAST_PARAMS
+from conftest import FAST_PARAMS, odd_one_out_images, tiny_detector, tiny_features
 
 from skpatchcore import PatchCoreDetector, PatchCoreEnsemble
 
@@ -82,3 +82,36 @@ def test_bad_image_score_is_refused(elpv_small, value):
         PatchCoreDetector(**dict(FAST_PARAMS, image_score=value)).fit(
             elpv_small.train_images
         )
+
+
+def _nearest_distances(features, bank, cosine):
+    """Distance of each row of ``features`` to its nearest row of ``bank``."""
+    if cosine:
+        features = features / np.linalg.norm(features, axis=1, keepdims=True)
+        bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+        return 1.0 - (features @ bank.T).max(axis=1)
+    gaps = features[:, None, :] - bank[None, :, :]
+    return np.sqrt((gaps**2).sum(axis=2)).min(axis=1)
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+@pytest.mark.parametrize("image_score", ["max", 0.25])
+def test_options_on_a_tiny_backbone_match_numpy(distance, image_score):
+    # Fast: per-pixel features recomputed with NumPy, every training patch
+    # in the bank, no neighbourhood, so scores follow from the definitions.
+    train, test = odd_one_out_images()
+    detector = tiny_detector(distance=distance, image_score=image_score).fit(train)
+    bank = tiny_features(train).reshape(-1, 4)
+    expected = []
+    for features in tiny_features(test):
+        distances = _nearest_distances(
+            features.reshape(-1, 4), bank, distance == "cosine"
+        )
+        if image_score == "max":
+            expected.append(-distances.max())
+        else:
+            top = math.ceil(image_score * distances.size)
+            expected.append(-np.sort(distances)[-top:].mean())
+    np.testing.assert_allclose(
+        detector.score_samples(test), expected, rtol=1e-4, atol=1e-6
+    )

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import joblib
 import numpy as np
 import pytest
-from conftest import FAST_PARAMS
+from conftest import FAST_PARAMS, odd_one_out_images, tiny_detector
 from sklearn.model_selection import GridSearchCV
 
 from skpatchcore import PatchCoreDetector, PatchFeatureExtractor
@@ -36,6 +36,7 @@ def saved_detector(fast_detector, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_extractors_fit_and_transform_at_once():
     images = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), np.uint8)
     params = {
@@ -94,3 +95,24 @@ def test_grid_search_with_threads(elpv_small):
 
     assert len(search.cv_results_["params"]) == 2
     assert np.all(np.isfinite(search.cv_results_["mean_test_score"]))
+
+
+def test_tiny_detectors_fit_load_and_score_at_once(tmp_path):
+    # Fast: a 1x1-convolution backbone on synthetic images.
+    train, test = odd_one_out_images()
+    fitted = tiny_detector().fit(train)
+    expected = fitted.score_samples(test)
+    path = tmp_path / "detector.joblib"
+    joblib.dump(fitted, path)
+
+    def score():
+        return fitted.score_samples(test)
+
+    def fit_and_score():
+        return tiny_detector().fit(train).score_samples(test)
+
+    def load_and_score():
+        return joblib.load(path).score_samples(test)
+
+    for scores in _run_at_once([score, fit_and_score, load_and_score] * 4):
+        np.testing.assert_allclose(scores, expected, rtol=1e-5)

@@ -70,6 +70,7 @@ def _assert_close(found, expected, rtol=1e-4):
     torch.testing.assert_close(found, expected, rtol=0, atol=rtol * scale)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layers, intermediates",
     [
@@ -107,6 +108,7 @@ def test_vit_maps_are_timms_intermediates(dino, layers, intermediates):
     _assert_close(features, aggregated.permute(0, 2, 3, 1))
 
 
+@pytest.mark.slow
 def test_eva_keeps_its_rotary_embedding(tmp_path):
     # EVA-02 and DINOv3 call their rotary embedding by a method, not its
     # forward: the network must keep it although no forward hook sees it run.
@@ -132,6 +134,7 @@ def test_eva_keeps_its_rotary_embedding(tmp_path):
     _assert_close(found, expected)
 
 
+@pytest.mark.slow
 def test_cnn_maps_are_timms_feature_maps(resnet):
     path, model = resnet
     extractor = PatchFeatureExtractor(
@@ -221,6 +224,7 @@ def _local_vit_file(path):
     return str(path)
 
 
+@pytest.mark.slow
 def test_vit_defect_lands_on_its_pixels_with_keep_aspect(tmp_path):
     rng = np.random.default_rng(0)
     height, width = 80, 176
@@ -257,6 +261,7 @@ def test_vit_defect_lands_on_its_pixels_with_keep_aspect(tmp_path):
     assert outside.max() < 0.5 * anomaly_map.max()
 
 
+@pytest.mark.slow
 def test_local_weights_files(resnet, tmp_path):
     from safetensors.torch import save_file
 
@@ -352,6 +357,7 @@ def fitted(resnet):
     return {"vit": vit, "cnn": cnn}, images
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["vit", "cnn"])
 @pytest.mark.parametrize("library", ["joblib", "skops"])
 def test_persistence_round_trip(fitted, kind, library, tmp_path, monkeypatch):
@@ -374,6 +380,7 @@ def test_persistence_round_trip(fitted, kind, library, tmp_path, monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 @pytest.mark.parametrize("kind", ["vit", "cnn"])
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
@@ -400,6 +407,7 @@ def test_export_scores_and_maps_as_the_detector(fitted, kind, fmt, tmp_path):
     np.testing.assert_allclose(found_maps, np.stack(maps), rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_vit_extractors_fit_and_transform_in_threads(tmp_path):
     images = np.random.default_rng(3).random((2, 48, 80, 3))
     path = tmp_path / "vit.pth"
