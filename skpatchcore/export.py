@@ -66,7 +66,8 @@ def export_onnx(detector, path):
     Parameters
     ----------
     detector : PatchCoreDetector
-        A fitted detector with ``nn_algorithm="exact"``. It is not modified.
+        A fitted detector searching exactly (``nn_algorithm_ == "exact"``).
+        It is not modified.
 
     path : str or path-like
         The ``.onnx`` file to write; an existing file is replaced.
@@ -84,7 +85,7 @@ def export_onnx(detector, path):
         If ``detector`` is not fitted.
     ValueError
         If ``detector`` searches its bank approximately
-        (``nn_algorithm="ivf"`` or ``"pynndescent"``), takes inputs of
+        (``nn_algorithm_`` is ``"ivf"`` or ``"pynndescent"``), takes inputs of
         several shapes (``resize="keep_aspect"``), has parameters changed
         since fit, or has a backbone module whose forward pass fails once
         the layers after the last used one are removed.
@@ -165,7 +166,8 @@ def export_torchscript(detector, path):
     Parameters
     ----------
     detector : PatchCoreDetector
-        A fitted detector with ``nn_algorithm="exact"``. It is not modified.
+        A fitted detector searching exactly (``nn_algorithm_ == "exact"``).
+        It is not modified.
 
     path : str or path-like
         The ``.pt`` file to write; an existing file is replaced.
@@ -181,7 +183,7 @@ def export_torchscript(detector, path):
         If ``detector`` is not fitted.
     ValueError
         If ``detector`` searches its bank approximately
-        (``nn_algorithm="ivf"`` or ``"pynndescent"``), takes inputs of
+        (``nn_algorithm_`` is ``"ivf"`` or ``"pynndescent"``), takes inputs of
         several shapes (``resize="keep_aspect"``), has parameters changed
         since fit, or has a backbone module whose forward pass fails once
         the layers after the last used one are removed.
