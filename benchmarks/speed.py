@@ -295,8 +295,6 @@ def index_table(args):
     print(markdown_table(headers, rows, align="rlrrrrrrrrr"))
 
 
-
-
 def extend_table(args):
     """Extending an inverted file by new entries against building it again."""
     print_run_facts(
@@ -418,8 +416,7 @@ def prediction_table(args):
     )
     rows = [
         (
-            f"1-NN search, bank {len(bank)} x {bank.shape[1]}, "
-            f"{len(queries)} queries",
+            f"1-NN search, bank {len(bank)} x {bank.shape[1]}, {len(queries)} queries",
             "float32 ranking",
             "int8 ranking",
             best["float32"],

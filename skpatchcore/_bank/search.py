@@ -339,9 +339,7 @@ class MemoryBank:
 
     def _int8_bank(self):
         """The bank quantised for ranking on the CPU, or None to rank in float32."""
-        if not (
-            _INT8_RANKING and self.device.type == "cpu" and int8_products_work()
-        ):
+        if not (_INT8_RANKING and self.device.type == "cpu" and int8_products_work()):
             return None
         if getattr(self, "_int8", None) is None:
             self._int8 = Int8Bank(self._device_features()[0])
