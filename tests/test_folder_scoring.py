@@ -24,6 +24,8 @@ def test_scores_and_maps_as_in_this_process(fast_detector, elpv_small, tmp_path)
     assert not _folder_scoring._DETECTORS
 
 
+# Worker processes import torch and load the detector: tens of seconds.
+@pytest.mark.slow
 def test_processes_keep_the_input_order(fast_detector, elpv_small):
     # Reversed so that order is not that of the files' names.
     X = list(reversed(elpv_small.test_images))
@@ -56,6 +58,7 @@ def test_a_worker_loads_the_detector_once(fast_detector, elpv_small, monkeypatch
     )
 
 
+@pytest.mark.slow
 def test_dask_cluster_scores_as_this_process(fast_detector, elpv_small, tmp_path):
     distributed = pytest.importorskip("distributed")
     X = elpv_small.test_images
