@@ -17,6 +17,7 @@ from skpatchcore._bank import search as _search
 from skpatchcore._bank.builder import BankBuilder
 from skpatchcore._bank.coreset import _greedy_steps as greedy_steps
 from skpatchcore._bank.search import MemoryBank
+from skpatchcore._calibration import thresholds
 from skpatchcore._feature_batch import FeatureBatch
 from skpatchcore._features import patch_features as _patch_features
 from skpatchcore._features.backbones import load_backbone
@@ -42,6 +43,7 @@ __all__ = [
     "model_input_maps",
     "read_elpv_labels",
     "score_features",
+    "thresholds",
     "to_model_input",
     "to_original_geometry",
 ]

@@ -102,9 +102,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--num-neighbors", type=int, default=9)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument(
-        "--seed", type=int, default=0, help="random_state of every fit"
-    )
+    parser.add_argument("--seed", type=int, default=0, help="random_state of every fit")
     parser.add_argument(
         "--repeat",
         type=int,

@@ -73,6 +73,12 @@ def parse_args(argv=None):
         help="N at which every row also reports its coverage radius "
         "(always at --exact-sizes)",
     )
+    parser.add_argument(
+        "--nn-algorithms",
+        type=lambda text: text.split(","),
+        default=["auto"],
+        help="nn_algorithm of the skpatchcore rows, one row per value",
+    )
     parser.add_argument("--anomalib-sizes", type=int_list, default=[100])
     parser.add_argument(
         "--wrn-size", type=int, default=10000, help="0 leaves the row out"
@@ -159,6 +165,7 @@ def _skpatchcore_row(spec, train, test, args):
             if "calibration_images" in spec
             else {}
         ),
+        nn_algorithm=spec.get("nn_algorithm", "auto"),
         n_jobs=args.n_jobs,
         device="cpu",
         random_state=args.seed,
@@ -178,6 +185,9 @@ def _skpatchcore_row(spec, train, test, args):
         "bank_size": int(detector.memory_bank_.shape[0]),
         "feature_dim": int(detector.memory_bank_.shape[1]),
         "scores": -score_samples,
+        "search": detector.nn_algorithm_,
+        "offset": detector.offset_,
+        "offset_sd": _offset_sd(detector, args.seed),
     }
     if spec.get("radius"):
         result["coverage_radius"] = coverage_radius(detector, train)
@@ -190,6 +200,24 @@ def _skpatchcore_row(spec, train, test, args):
     detector.partial_fit(more)
     result["partial_fit_seconds"] = time.perf_counter() - start
     return result
+
+
+def _offset_sd(detector, seed, n_resamples=200):
+    """Bootstrap standard deviation of ``offset_`` over the calibration images.
+
+    How far the threshold moves when the calibration images are drawn
+    again: the calibration noise that a change of search is compared with.
+    """
+    from _internals import thresholds
+
+    rng = np.random.RandomState(seed)
+    scores = detector.calibration_scores_
+    maxima = detector.calibration_map_maxima_
+    offsets = []
+    for _ in range(n_resamples):
+        drawn = rng.randint(len(scores), size=len(scores))
+        offsets.append(thresholds(scores[drawn], maxima[drawn], "auto")[0])
+    return float(np.std(offsets))
 
 
 def _anomalib_row(train, test, args):
@@ -228,13 +256,18 @@ def row_specs(args):
     for n in args.sizes:
         radius = n in args.exact_sizes or n in args.radius_sizes
         for chunk_size in args.chunk_sizes or [None]:
-            specs.append(
-                dict(n_train=n, method="skpatchcore", coreset_method="auto")
-            )
-            if chunk_size is not None:
-                specs[-1]["chunk_size"] = chunk_size
-            if radius:
-                specs[-1]["radius"] = True
+            for algorithm in args.nn_algorithms:
+                spec = dict(
+                    n_train=n,
+                    method="skpatchcore",
+                    coreset_method="auto",
+                    nn_algorithm=algorithm,
+                )
+                if chunk_size is not None:
+                    spec["chunk_size"] = chunk_size
+                if radius:
+                    spec["radius"] = True
+                specs.append(spec)
         if n in args.exact_sizes:
             specs.append(
                 dict(
@@ -271,9 +304,12 @@ def _label(spec):
             f"skpatchcore {spec['backbone']} (random weights, "
             f"{spec['calibration_images']} calibration images)"
         )
+    label = f"skpatchcore {spec['coreset_method']}"
     if "chunk_size" in spec:
-        return f"skpatchcore {spec['coreset_method']}, chunk {spec['chunk_size']}"
-    return f"skpatchcore {spec['coreset_method']}"
+        label += f", chunk {spec['chunk_size']}"
+    if spec.get("nn_algorithm", "auto") != "auto":
+        label += f", nn_algorithm={spec['nn_algorithm']}"
+    return label
 
 
 def main(argv=None):
@@ -299,6 +335,8 @@ def main(argv=None):
         "bank",
         "predict ms/img",
         "image AUROC",
+        "search",
+        "offset (bootstrap sd)",
         "coverage radius",
         f"partial_fit +{args.partial_images} s",
     )
@@ -356,6 +394,10 @@ def main(argv=None):
                 f"{result['bank_size']} x {result['feature_dim']}",
                 f"{1000 * result['predict_seconds'] / result['n_test']:.0f}",
                 auroc,
+                result.get("search", "—"),
+                f"{result['offset']:.3f} ({result['offset_sd']:.3f})"
+                if "offset" in result
+                else "—",
                 f"{result['coverage_radius']:.2f}"
                 if "coverage_radius" in result
                 else "—",

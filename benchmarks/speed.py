@@ -36,6 +36,10 @@ each with side-by-side timings and their ratio, measured in this one run.
   grids of patch distances upsampled and Gaussian-filtered map by map
   (SciPy) against one operator matrix per axis
   (the package's ``model_input_maps``).
+* Keeping an inverted file current when ``partial_fit`` adds entries: the
+  index of the first entries of a bank of real patch features extended by
+  the next ones (``--extend-sizes``), against an index built on all of
+  them; seconds, search milliseconds per test cell and recall@1 of each.
 
 Usage, from the repository root::
 
@@ -291,6 +295,54 @@ def index_table(args):
     print(markdown_table(headers, rows, align="rlrrrrrrrrr"))
 
 
+def extend_table(args):
+    """Extending an inverted file by new entries against building it again."""
+    print_run_facts(
+        command_line(__file__, None),
+        "Lite0 patch features of good ELPV cells (224 x 224, 152 values), an "
+        "index of the first entries extended by the next ones or built on "
+        f"all; 1-NN search of the test cells' patches, best of {args.repeats}",
+    )
+    pairs = [tuple(int(n) for n in pair.split("+")) for pair in args.extend_sizes]
+    n_cells = math.ceil(max(a + b for a, b in pairs) / PATCHES_PER_CELL)
+    train, test, _ = cell_features(n_cells, args)
+    all_patches = train.reshape(-1, train.shape[-1])
+    queries = test.reshape(-1, test.shape[-1])
+    rows = []
+    for n_old, n_new in pairs:
+        bank = all_patches[: n_old + n_new]
+        old = MemoryBank(bank[:n_old], algorithm="ivf", random_state=args.seed)
+        exact, _ = MemoryBank(bank).kneighbors(queries, 1)
+        built, seconds = {}, {}
+        for how in ("extend", "rebuild"):
+            times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                if how == "extend":
+                    built[how] = old.extended(bank[n_old:])
+                else:
+                    built[how] = MemoryBank(
+                        bank, algorithm="ivf", random_state=args.seed
+                    )
+                times.append(time.perf_counter() - start)
+            seconds[how] = min(times)
+        for how, searcher in built.items():
+            start = time.perf_counter()
+            distances, _ = searcher.kneighbors(queries, 1)
+            search_ms = 1000 * (time.perf_counter() - start) / len(test)
+            rows.append(
+                [
+                    f"{n_old:,} + {n_new:,}",
+                    how,
+                    str(len(searcher._index[0])),
+                    f"{seconds[how]:.2f}",
+                    f"{search_ms:.0f}",
+                    f"{np.mean(distances[:, 0] <= exact[:, 0]):.4f}",
+                ]
+            )
+            print(" | ".join(rows[-1]), flush=True)
+    headers = ("bank + new", "index", "lists", "seconds", "search ms/img", "recall@1")
+    print(markdown_table(headers, rows, align="llrrrr"))
 
 
 def _with_setting(module, name, value, run):
@@ -364,8 +416,7 @@ def prediction_table(args):
     )
     rows = [
         (
-            f"1-NN search, bank {len(bank)} x {bank.shape[1]}, "
-            f"{len(queries)} queries",
+            f"1-NN search, bank {len(bank)} x {bank.shape[1]}, {len(queries)} queries",
             "float32 ranking",
             "int8 ranking",
             best["float32"],
@@ -527,9 +578,16 @@ def main():
 
     parser.add_argument(
         "--parts",
-        default="coreset,search,index,prediction",
-        help="tables to print, of coreset, search (random data), index and "
-        "prediction",
+        default="coreset,search,index,prediction,extend",
+        help="tables to print, of coreset, search (random data), index, "
+        "prediction and extend",
+    )
+    parser.add_argument(
+        "--extend-sizes",
+        type=lambda text: text.split(","),
+        default=["78400+7840", "50000+50000"],
+        help="OLD+NEW bank sizes of the extend table: an index of OLD entries "
+        "extended by NEW",
     )
     parser.add_argument(
         "--points", type=int, default=47040, help="patches: 60 images of 28 x 28"
@@ -580,6 +638,8 @@ def main():
         index_table(args)
     if "prediction" in parts:
         prediction_table(args)
+    if "extend" in parts:
+        extend_table(args)
 
 
 if __name__ == "__main__":

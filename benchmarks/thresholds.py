@@ -110,9 +110,7 @@ def parse_args(argv=None):
         "--seed", type=int, default=0, help="random_state and the ELPV split"
     )
     args = parser.parse_args(argv)
-    args.datasets = split_choices(
-        parser, "--datasets", args.datasets, DEFAULT_DATASETS
-    )
+    args.datasets = split_choices(parser, "--datasets", args.datasets, DEFAULT_DATASETS)
     for name in ("train_size", "n_test", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")

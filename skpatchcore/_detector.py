@@ -11,7 +11,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._bank.builder import BankBuilder
-from ._bank.search import MemoryBank
+from ._bank.search import MemoryBank, resolve_algorithm
 from ._calibration import draw_sample, held_out_values, thresholds
 from ._engine.model import PatchCoreModel
 from ._feature_extractor import PatchFeatureExtractor
@@ -211,28 +211,41 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         anomalous of the others; a float in (0, 0.5] is the fraction of
         training images to be flagged, the thresholds being quantiles.
 
-    nn_algorithm : {"exact", "ivf", "pynndescent"}, default="exact"
-        Nearest-neighbour search of the patches of images to score. "exact"
-        compares each patch with every bank entry. "ivf" partitions the bank
-        into k-means lists when fitting (about the square root of the bank
-        size of them) and compares each patch with the entries of the lists
-        nearest to it only; a patch far from all of them, as a defect's, is
-        searched in more lists. Candidates are re-ranked by exact distances,
-        so a missed neighbour can only raise a patch's distance. It pays off
-        from about 100,000 bank entries (1,000,000 training patches at
-        ``coreset_ratio=0.1``): measured on ELPV cells with Lite0 features
-        on two CPU cores, the search of an image took 0.13 s instead of 0.70
-        at 100,000 entries and 0.43 s instead of 5.2 at 1,000,000, where
-        99.9 % of test patches got their exact nearest neighbour and image
-        AUROC was unchanged; the index took 12 s to build there (see
-        :ref:`results`). Below, exact search is cheap (0.1 s per image at
-        10,000 entries, 0.23 s at 30,000), the index saves less (1.6 and 3
-        times) and moved AUROC by up to 0.002.
+    nn_algorithm : {"auto", "exact", "ivf", "pynndescent"}, default="auto"
+        Nearest-neighbour search of the patches in the memory bank, for the
+        held-out calibration scores of ``fit`` and ``partial_fit`` and for
+        every image scored later; the search chosen is ``nn_algorithm_``.
+        "auto" searches exactly below 50,000 bank entries (about 640 images
+        of 784 patches at ``coreset_ratio=0.1``) and with "ivf" from there on, and
+        switches to "ivf" when ``partial_fit`` grows the bank past that.
+        "exact" compares each patch with every bank entry: the paper's
+        search, costing about 3.5 microseconds per bank entry and image on
+        two CPU cores. "ivf" partitions the bank into k-means lists when
+        fitting (about the square root of the bank size of them) and
+        compares each patch with the entries of the lists nearest to it
+        only; a patch far from all of them, as a defect's, is searched in
+        more lists. Candidates are re-ranked by exact distances, so a missed
+        neighbour can only raise a patch's distance. Measured on ELPV cells
+        with Lite0 features on two CPU cores, the search of an image took
+        0.13 s instead of 0.70 at 100,000 entries and 0.43 s instead of 5.2
+        at 1,000,000, where 99.9 % of test patches got their exact nearest
+        neighbour and image AUROC was unchanged; the index took 12 s to
+        build there (see :ref:`results`). Below 50,000 entries exact search
+        costs a quarter of a second per image or less (0.1 s at 10,000
+        entries, 0.23 s at 30,000), the index is 1.6 to 3 times faster and
+        moved one image's score by up to 1.5: "auto" keeps the exact search
+        there.
+        The held-out calibration search leaves each image's own bank
+        entries out of the lists it probes, and searches exactly the
+        patches whose probed lists hold too few other entries.
+        ``partial_fit`` adds new entries to the lists of their nearest
+        centroids, and builds the index again once the bank has outgrown
+        them (its square root 1.5 times their number).
         "pynndescent" builds a neighbour graph instead, after half a minute
         of numba compilation in each new process; it found fewer exact
         neighbours (98.4 % at 100,000 entries) and missed some far ones by
-        much (AUROC 0.809 against 0.887 there). The held-out scores of
-        ``fit`` are always searched exactly.
+        much (AUROC 0.809 against 0.887 there); its held-out scores are
+        searched exactly.
 
     device : str or torch.device, default="auto"
         Where the backbone and the exact and "ivf" searches run; "auto" takes
@@ -320,6 +333,10 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         ``resize="keep_aspect"``, where each image has the grid of its own
         shape, which ``feature_extractor_.get_grid_shape(image.shape)``
         gives.
+
+    nn_algorithm_ : {"exact", "ivf", "pynndescent"}
+        The search of the memory bank: ``nn_algorithm``, or what "auto"
+        chose for the bank's size.
 
     device_ : torch.device
         The device actually used.
@@ -441,7 +458,7 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
             StrOptions({"auto"}),
             Interval(numbers.Real, 0, 0.5, closed="right"),
         ],
-        "nn_algorithm": [StrOptions({"exact", "ivf", "pynndescent"})],
+        "nn_algorithm": [StrOptions({"auto", "exact", "ivf", "pynndescent"})],
         "coreset_method": [StrOptions({"auto", "greedy", "partitioned"})],
         "coreset_chunk_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "max_calibration_images": [Interval(numbers.Integral, 2, None, closed="left")],
@@ -472,7 +489,7 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         distance="euclidean",
         image_score="reweighted",
         contamination="auto",
-        nn_algorithm="exact",
+        nn_algorithm="auto",
         device="auto",
         batch_size=16,
         n_jobs=None,
@@ -655,12 +672,18 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         bank, bank_images, kept = builder.build(
             sources, max(1, n_bank), patch_counts, keep_images=calibration
         )
-        search = MemoryBank(
-            np.concatenate([earlier_bank, bank]) if n_seen else bank,
-            algorithm=self.nn_algorithm,
-            random_state=int(random_state.randint(np.iinfo(np.int32).max)),
-            device=features.device,
-        )
+        seed = int(random_state.randint(np.iinfo(np.int32).max))
+        algorithm = resolve_algorithm(self.nn_algorithm, len(earlier_bank) + len(bank))
+        if not first and algorithm == self.nn_algorithm_:
+            # The index is extended with the new entries, not rebuilt.
+            search = self._model.search.to(features.device).extended(bank)
+        else:
+            search = MemoryBank(
+                np.concatenate([earlier_bank, bank]) if n_seen else bank,
+                algorithm=algorithm,
+                random_state=seed,
+                device=features.device,
+            )
         model = self._make_model(features, search)
         # Earlier bank entries belong to none of the new images.
         bank_images = np.concatenate([np.full(len(earlier_bank), -1), bank_images])
@@ -697,6 +720,7 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         self.n_train_images_ = n_seen + n_new
         self._n_train_patches = n_train_patches
         self.memory_bank_ = search.features
+        self.nn_algorithm_ = algorithm
         self._model = model
         self._random_state = random_state
         self.calibration_scores_, self.calibration_map_maxima_ = scores, maxima
@@ -832,7 +856,7 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
             random_state, index = search
             search = MemoryBank(
                 self.memory_bank_,
-                algorithm=self.nn_algorithm,
+                algorithm=self.nn_algorithm_,
                 random_state=random_state,
                 device=self.device_,
                 index=restore_index(index),

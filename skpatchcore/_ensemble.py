@@ -12,7 +12,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._calibration import thresholds
 from ._detector import PatchCoreDetector
-from ._images import LazyImage, check_images
+from ._images import check_images, reusable_sources
 from ._novelty_decisions import NoveltyDecisionsMixin
 from ._persistence import portable, restore
 from ._validation import (
@@ -34,19 +34,6 @@ def _location_scale(values):
     if not std > 10 * np.finfo(np.float64).eps * max(abs(mean), 1.0):
         std = 1.0
     return mean, std
-
-
-def _reusable(sources):
-    """Validated image sources as a list that every member can read again.
-
-    ``X`` is validated once, by the ensemble: an iterator would be used up by
-    the first member, and a folder listed once per member. File paths and PIL
-    images go back to the members as they came.
-    """
-    return [
-        source.image if isinstance(source, LazyImage) else source
-        for source in sources
-    ]
 
 
 class PatchCoreEnsemble(NoveltyDecisionsMixin, _BaseComposition):
@@ -350,7 +337,7 @@ class PatchCoreEnsemble(NoveltyDecisionsMixin, _BaseComposition):
             The fitted ensemble.
         """
         names, templates = self._checked_detectors()
-        images = _reusable(good_images(check_images(X), y))
+        images = reusable_sources(good_images(check_images(X), y))
         seed = self.random_state
         if not isinstance(seed, numbers.Integral):
             seed = int(check_random_state(seed).randint(np.iinfo(np.int32).max))
@@ -442,7 +429,7 @@ class PatchCoreEnsemble(NoveltyDecisionsMixin, _BaseComposition):
         """``X`` as a list for every fitted member, once the ensemble is checked."""
         check_is_fitted(self)
         self._check_unchanged_since_fit()
-        return _reusable(check_images(X))
+        return reusable_sources(check_images(X))
 
     def _standardised_scores(self, k, scores):
         """Scores of member ``k`` on the scale of its calibration scores."""

@@ -152,6 +152,20 @@ def input_geometry(
     )
 
 
+def reusable_sources(sources):
+    """Validated image sources as ``X`` gave them, to be read again elsewhere.
+
+    ``X`` is validated once; its images then go, as they came (arrays, file
+    paths, PIL images), to other estimators or processes, which can read
+    them again, where an iterator would be used up and a folder listed
+    anew. A file path comes back as a ``Path``.
+    """
+    return [
+        source.image if isinstance(source, LazyImage) else source
+        for source in sources
+    ]
+
+
 def check_images(X):
     """Validate ``X`` and return it as a list of image sources.
 

@@ -69,7 +69,8 @@ def export_onnx(detector, path):
     Parameters
     ----------
     detector : PatchCoreDetector
-        A fitted detector with ``nn_algorithm="exact"``. It is not modified.
+        A fitted detector searching exactly (``nn_algorithm_ == "exact"``).
+        It is not modified.
 
     path : str or path-like
         The ``.onnx`` file to write; an existing file is replaced.
@@ -87,7 +88,7 @@ def export_onnx(detector, path):
         If ``detector`` is not fitted.
     ValueError
         If ``detector`` searches its bank approximately
-        (``nn_algorithm="ivf"`` or ``"pynndescent"``), takes inputs of
+        (``nn_algorithm_`` is ``"ivf"`` or ``"pynndescent"``), takes inputs of
         several shapes (``resize="keep_aspect"``), has parameters changed
         since fit, or has a backbone module whose forward pass fails once
         the layers after the last used one are removed.
@@ -168,7 +169,8 @@ def export_torchscript(detector, path):
     Parameters
     ----------
     detector : PatchCoreDetector
-        A fitted detector with ``nn_algorithm="exact"``. It is not modified.
+        A fitted detector searching exactly (``nn_algorithm_ == "exact"``).
+        It is not modified.
 
     path : str or path-like
         The ``.pt`` file to write; an existing file is replaced.
@@ -184,7 +186,7 @@ def export_torchscript(detector, path):
         If ``detector`` is not fitted.
     ValueError
         If ``detector`` searches its bank approximately
-        (``nn_algorithm="ivf"`` or ``"pynndescent"``), takes inputs of
+        (``nn_algorithm_`` is ``"ivf"`` or ``"pynndescent"``), takes inputs of
         several shapes (``resize="keep_aspect"``), has parameters changed
         since fit, or has a backbone module whose forward pass fails once
         the layers after the last used one are removed.

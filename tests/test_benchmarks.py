@@ -80,7 +80,7 @@ CASES = {
         # The search table is left out: pynndescent's compilation by numba
         # alone takes a minute. The index table runs the same searches.
         [
-            "--parts=coreset,index,prediction",
+            "--parts=coreset,index,prediction,extend",
             "--points=2000",
             "--dim=16",
             "--repeats=1",
@@ -88,6 +88,7 @@ CASES = {
             "--pynndescent-sizes=",
             "--n-test=8",
             "--ranking-bank=1568",
+            "--extend-sizes=1000+568",
             "--cache={tmp}/speed",
         ],
         needs=("elpv_dataset",),
@@ -97,6 +98,7 @@ CASES = {
             "recall@1 | max score diff | AUROC exact | AUROC index | "
             "break-even images |",
             "| stage | before | after | before ms/img | after ms/img | ratio | same |",
+            "| bank + new | index | lists | seconds | search ms/img | recall@1 |",
         ),
     ),
     "scale.py": Case(
@@ -116,9 +118,20 @@ CASES = {
         headers=(
             "| N images | method | fit s | fit ms/img | features s | coreset s | "
             "calibration s | peak MiB | bank | predict ms/img | image AUROC | "
-            "coverage radius | partial_fit +2 s |",
+            "search | offset (bootstrap sd) | coverage radius | partial_fit +2 s |",
         ),
         notes=(f"anomalib at N=4 {ANOMALIB_SKIPPED}",),
+    ),
+    "score_folder.py": Case(
+        [
+            "--n-train=4",
+            "--n-score=4",
+            "--workers=1",
+            "--chunk-size=2",
+            "--cache={tmp}/cells",
+        ],
+        needs=("elpv_dataset", "distributed"),
+        headers=("| how | images/s | largest relative score difference |",),
     ),
     "thresholds.py": Case(
         # MPDD alone: a data set with masks prints both tables, and every

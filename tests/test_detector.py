@@ -24,6 +24,8 @@ from sklearn.preprocessing import FunctionTransformer
 from sklearn.utils._param_validation import InvalidParameterError
 
 from skpatchcore import PatchCoreDetector
+from skpatchcore._bank import search as bank_search
+from skpatchcore._bank.search import MemoryBank
 from skpatchcore.metrics import f1_max
 from skpatchcore.model_selection import NoveltyCV
 
@@ -454,18 +456,61 @@ def test_coreset_size_and_pynndescent(fast_detector, elpv_small):
 def test_ivf_scores_close_to_exact_search(fast_detector, elpv_small):
     # 128 bank entries in 11 lists, of which each query probes at least 8:
     # a neighbour is rarely missed, and then one of eq. 7's 9 (measured: one
-    # image's score 5e-5 away). Thresholds come from the exact held-out search.
+    # image's score 5e-5 away). The held-out calibration searches the index
+    # too, each image's own entries left out of its probed lists.
     approximate = clone(fast_detector).set_params(nn_algorithm="ivf")
     approximate.fit(elpv_small.train_images)
+    assert fast_detector.nn_algorithm_ == "exact"
+    assert approximate.nn_algorithm_ == "ivf"
     X = elpv_small.test_images
     scores = approximate.score_samples(X)
     np.testing.assert_allclose(scores, fast_detector.score_samples(X), rtol=1e-3)
-    assert approximate.offset_ == pytest.approx(fast_detector.offset_, rel=1e-6)
+    np.testing.assert_allclose(
+        approximate.calibration_scores_, fast_detector.calibration_scores_, rtol=1e-3
+    )
+    assert approximate.offset_ == pytest.approx(fast_detector.offset_, rel=1e-3)
     centroids, rows, starts = approximate._model.search._index
     assert len(centroids) == 11
     restored = pickle.loads(pickle.dumps(approximate))
+    assert restored.nn_algorithm_ == "ivf"
     np.testing.assert_array_equal(restored._model.search._index[1], rows)
     np.testing.assert_array_equal(restored.score_samples(X), scores)
+
+
+def test_auto_search_follows_the_bank_through_partial_fit(
+    cell_arrays, elpv_small, monkeypatch
+):
+    # 16 bank entries per image: exact up to 99 entries, the index beyond.
+    monkeypatch.setattr(bank_search, "IVF_FROM_ENTRIES", 100)
+    detector = PatchCoreDetector(**FAST_PARAMS).partial_fit(cell_arrays[:4])
+    assert detector.nn_algorithm == "auto"
+    assert (detector.nn_algorithm_, len(detector.memory_bank_)) == ("exact", 64)
+    assert detector._model.search._index is None
+    detector.partial_fit(cell_arrays[4:8])
+    assert (detector.nn_algorithm_, len(detector.memory_bank_)) == ("ivf", 128)
+    centroids, rows, _ = detector._model.search._index
+    assert len(centroids) == 11
+    np.testing.assert_array_equal(np.sort(rows), np.arange(128))
+    # A little more: the lists take the new entries, the centroids stay.
+    detector.partial_fit(cell_arrays[:2])
+    extended, rows, _ = detector._model.search._index
+    np.testing.assert_array_equal(extended, centroids)
+    np.testing.assert_array_equal(np.sort(rows), np.arange(160))
+    # Scores as the exact search gives them, within what a missed neighbour
+    # of eq. 7's may move.
+    X = elpv_small.test_images
+    exact = copy.deepcopy(detector)
+    exact._model.search = MemoryBank(exact.memory_bank_)
+    scores = detector.score_samples(X)
+    np.testing.assert_allclose(scores, exact.score_samples(X), rtol=1e-3)
+    # The choice and the index are kept by pickle, and so is the rule after
+    # loading.
+    restored = pickle.loads(pickle.dumps(detector))
+    assert restored.nn_algorithm_ == "ivf"
+    np.testing.assert_array_equal(restored._model.search._index[1], rows)
+    np.testing.assert_array_equal(restored.score_samples(X), scores)
+    refit = clone(detector).fit(cell_arrays[:4])
+    assert refit.nn_algorithm_ == "exact"
 
 
 def test_pipeline_and_clone(elpv_small, cell_arrays):

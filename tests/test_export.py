@@ -303,6 +303,17 @@ def test_approximate_search_is_refused(export, algorithm, tmp_path):
         export(detector, tmp_path / "detector")
 
 
+@pytest.mark.parametrize("export", [export_onnx, export_torchscript])
+def test_approximate_search_chosen_by_auto_is_refused(export, fast_detector, tmp_path):
+    # "auto" chose the index for this bank: the graph's exact search would
+    # not score as the detector does.
+    detector = copy.deepcopy(fast_detector)
+    detector.nn_algorithm_ = "ivf"
+    with pytest.raises(ValueError, match="Only nn_algorithm='exact' can be exported"):
+        export(detector, tmp_path / "detector")
+    assert not list(tmp_path.iterdir())
+
+
 def test_parameters_changed_since_fit_are_refused(fast_detector, tmp_path):
     detector = copy.deepcopy(fast_detector).set_params(sigma=2.0)
     with pytest.raises(ValueError, match="Cannot export: parameters changed"):

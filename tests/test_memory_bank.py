@@ -285,7 +285,7 @@ def test_ivf_searches_exactly_what_its_lists_cannot_fill():
     np.testing.assert_allclose(distances, expected_d, rtol=1e-6)
 
 
-def test_ivf_held_out_search_excludes_groups_exactly():
+def test_ivf_held_out_search_never_returns_own_entries():
     bank, queries = clustered(2000, 200, 20)
     bank_groups = np.arange(len(bank)) % 7
     query_groups = np.arange(len(queries)) % 7
@@ -293,11 +293,78 @@ def test_ivf_held_out_search_excludes_groups_exactly():
     distances, indices = memory.kneighbors(
         queries, 2, exclude_groups=(query_groups, bank_groups)
     )
-    for q in range(len(queries)):
-        allowed = np.flatnonzero(bank_groups != query_groups[q])
-        d, i = brute_force(queries[q : q + 1], bank[allowed], 2)
-        np.testing.assert_array_equal(indices[q], allowed[i[0]])
-        np.testing.assert_allclose(distances[q], d[0], rtol=1e-6)
+    assert np.all(bank_groups[indices] != query_groups[:, None])
+    true_distances = cdist(queries.astype(np.float64), bank.astype(np.float64))
+    np.testing.assert_allclose(
+        distances, np.take_along_axis(true_distances, indices, axis=1), rtol=1e-6
+    )
+    # Nearest entries of the other groups, by brute force.
+    true_distances[bank_groups[None, :] == query_groups[:, None]] = np.inf
+    expected = true_distances.min(axis=1)
+    assert np.all(distances[:, 0] >= expected * (1 - 1e-6))
+    assert np.mean(np.isclose(distances[:, 0], expected, rtol=1e-6)) >= 0.99
+
+
+def test_ivf_held_out_search_falls_back_where_own_entries_fill_the_lists():
+    # 380 entries of group 0 around the origin fill every list a group-0
+    # query probes (20 lists, at least 8 probed); the 20 entries of group 1
+    # lie far away in lists of their own, so only the exact fallback finds
+    # them.
+    rng = np.random.default_rng(1)
+    bank = np.concatenate(
+        [rng.normal(size=(380, 8)), rng.normal(size=(20, 8)) + 40.0]
+    ).astype(np.float32)
+    bank_groups = np.repeat([0, 1], [380, 20])
+    queries = rng.normal(size=(30, 8)).astype(np.float32)
+    query_groups = np.zeros(len(queries), dtype=np.int64)
+    memory = MemoryBank(bank, algorithm="ivf", random_state=0)
+    assert len(memory._index[0]) == 20
+    for k in (1, 3, 25):
+        distances, indices = memory.kneighbors(
+            queries, k, exclude_groups=(query_groups, bank_groups)
+        )
+        expected_d, expected_i = brute_force(queries, bank[380:], min(k, 20))
+        np.testing.assert_array_equal(indices[:, :20], 380 + expected_i)
+        np.testing.assert_allclose(distances[:, :20], expected_d, rtol=1e-6)
+        # Beyond the 20 entries of other images, nothing is left to match.
+        assert np.all(np.isinf(distances[:, 20:]))
+
+
+def test_extended_ivf_matches_its_lists_and_rebuilds_when_outgrown():
+    bank, queries = clustered(4000, 300, 40)
+    memory = MemoryBank(bank[:3000], algorithm="ivf", random_state=0)
+    grown = memory.extended(bank[3000:])
+    np.testing.assert_array_equal(grown.features, bank)
+    centroids, rows, starts = grown._index
+    np.testing.assert_array_equal(centroids, memory._index[0])
+    np.testing.assert_array_equal(np.sort(rows), np.arange(len(bank)))
+    # Every entry sits in the list of its nearest centroid.
+    labels = np.repeat(np.arange(len(centroids)), np.diff(starts))
+    nearest = cdist(bank[rows], centroids).argmin(axis=1)
+    assert np.mean(labels == nearest) > 0.999
+    _, indices = grown.kneighbors(queries, 1)
+    true_distances = cdist(queries.astype(np.float64), bank.astype(np.float64))
+    found = true_distances[np.arange(len(queries)), indices[:, 0]]
+    assert np.mean(found == true_distances.min(axis=1)) >= 0.99
+    # Grown past 1.5 times the lists' worth of entries: a new index.
+    outgrown = MemoryBank(bank[:1000], algorithm="ivf").extended(bank[1000:])
+    assert len(outgrown._index[0]) == round(np.sqrt(len(bank)))
+    exact = MemoryBank(bank[:10]).extended(bank[10:])
+    assert exact.algorithm == "exact" and exact._index is None
+
+
+@pytest.mark.parametrize(
+    "algorithm, n_entries, expected",
+    [
+        ("auto", search.IVF_FROM_ENTRIES - 1, "exact"),
+        ("auto", search.IVF_FROM_ENTRIES, "ivf"),
+        ("exact", 10**7, "exact"),
+        ("ivf", 10, "ivf"),
+        ("pynndescent", 10, "pynndescent"),
+    ],
+)
+def test_resolve_algorithm(algorithm, n_entries, expected):
+    assert search.resolve_algorithm(algorithm, n_entries) == expected
 
 
 def test_ivf_compiles_nothing(monkeypatch):

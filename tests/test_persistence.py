@@ -115,7 +115,8 @@ def test_skops_round_trip_is_identical(fitted, elpv_small, tmp_path):
     assert loaded.pixel_threshold_ == detector.pixel_threshold_
     np.testing.assert_array_equal(loaded.memory_bank_, detector.memory_bank_)
     assert loaded._model.search.features is loaded.memory_bank_
-    assert (loaded._model.search._index is None) == (detector.nn_algorithm == "exact")
+    assert loaded.nn_algorithm_ == detector.nn_algorithm_
+    assert (loaded._model.search._index is None) == (detector.nn_algorithm_ == "exact")
     assert loaded.device_ == torch.device("cpu")
 
 
@@ -269,9 +270,9 @@ def test_bad_stored_module_is_named():
 
 def test_normalization_is_saved_and_used(cell_arrays, elpv_small, tmp_path):
     normalization = ((0.4, 0.5, 0.6), (0.2, 0.3, 0.25))
-    detector = PatchCoreDetector(
-        **dict(FAST_PARAMS, normalization=normalization)
-    ).fit(cell_arrays[:4])
+    detector = PatchCoreDetector(**dict(FAST_PARAMS, normalization=normalization)).fit(
+        cell_arrays[:4]
+    )
     extractor = detector.feature_extractor_
     assert (extractor.mean_, extractor.std_) == normalization
     path = tmp_path / "detector.skops"

@@ -117,6 +117,44 @@ def build_inverted_file(bank, random_state):
     return centroids.cpu().numpy(), rows.cpu().numpy(), starts.numpy()
 
 
+def extend_inverted_file(index, new_entries, n_old):
+    """Add bank rows ``n_old`` onwards to the lists of an index of the others.
+
+    Each new entry joins the list of its nearest centroid; the centroids do
+    not move, and the entries of each list keep their order, the new ones
+    after the old.
+
+    Parameters
+    ----------
+    index : tuple of three ndarrays
+        The index of bank rows ``0`` to ``n_old - 1``, as
+        :func:`build_inverted_file` returns it.
+
+    new_entries : torch.Tensor of shape (n_new, n_features)
+        The float32 rows ``n_old`` to ``n_old + n_new - 1`` of the bank.
+
+    n_old : int
+        Bank rows that ``index`` holds.
+
+    Returns
+    -------
+    index : tuple of three ndarrays
+        ``(centroids, rows, starts)`` of the whole bank.
+    """
+    centroids, rows, starts = (np.asarray(array) for array in index)
+    n_lists = len(centroids)
+    new_labels = _nearest_centroids(
+        new_entries, torch.from_numpy(np.array(centroids)).to(new_entries.device)
+    )
+    labels = np.concatenate(
+        [np.repeat(np.arange(n_lists), np.diff(starts)), new_labels.cpu().numpy()]
+    )
+    rows = np.concatenate([rows, np.arange(n_old, n_old + len(new_entries))])
+    starts = np.zeros(n_lists + 1, dtype=np.int64)
+    starts[1:] = np.cumsum(np.bincount(labels, minlength=n_lists))
+    return np.array(centroids), rows[np.argsort(labels, kind="stable")], starts
+
+
 def _probes(queries, centroids):
     """``(query, list)`` pairs to search, sorted by list, and the list sizes."""
     n_lists = len(centroids)
@@ -140,7 +178,9 @@ def _probes(queries, centroids):
     return pairs[:, 0], torch.bincount(pairs[:, 1], minlength=n_lists).tolist()
 
 
-def inverted_file_candidates(index, bank, bank_norms, queries, n_candidates):
+def inverted_file_candidates(
+    index, bank, bank_norms, queries, n_candidates, groups=None
+):
     """The ``n_candidates`` best rows per query among its probed lists.
 
     Parameters
@@ -160,10 +200,15 @@ def inverted_file_candidates(index, bank, bank_norms, queries, n_candidates):
     n_candidates : int
         Candidates per query, ranked by float32 distances.
 
+    groups : tuple of two int64 tensors, default=None
+        ``(query_groups, bank_groups)`` on the bank's device: a query never
+        takes a bank entry of its own group as a candidate.
+
     Returns
     -------
     candidates : ndarray of shape (n_queries, n_candidates)
-        Bank rows, -1 where the probed lists held fewer entries.
+        Bank rows, -1 where the probed lists held fewer entries (of other
+        groups).
     """
     centroids, rows, starts = index
     device = bank.device
@@ -174,18 +219,28 @@ def inverted_file_candidates(index, bank, bank_norms, queries, n_candidates):
     candidates = [np.empty((0, n_candidates), dtype=np.int64)]
     for start in range(0, len(queries), _QUERY_CHUNK):
         chunk = queries[start : start + _QUERY_CHUNK]
+        chunk_groups = None
+        if groups is not None:
+            chunk_groups = (groups[0][start : start + _QUERY_CHUNK], groups[1])
         asking, counts = _probes(chunk, centroids)
         tasks, first = [], 0
         for members, count in zip(lists, counts):
             if count and len(members):
                 tasks.append((members, asking[first : first + count]))
             first += count
-        candidates.append(_search_lists(tasks, bank, bank_norms, chunk, n_candidates))
+        candidates.append(
+            _search_lists(tasks, bank, bank_norms, chunk, n_candidates, chunk_groups)
+        )
     return np.concatenate(candidates)
 
 
-def _search_lists(tasks, bank, bank_norms, queries, n_candidates):
-    """Candidates of ``queries`` over ``(list members, asking queries)`` tasks."""
+def _search_lists(tasks, bank, bank_norms, queries, n_candidates, groups):
+    """Candidates of ``queries`` over ``(list members, asking queries)`` tasks.
+
+    Entries of a query's own group (``groups``) count as infinitely far, so
+    they are kept only where too few others were probed, and then returned
+    as -1, as are the places that no entry filled.
+    """
     lock, remaining = threading.Lock(), iter(tasks)
 
     def next_task():
@@ -202,12 +257,17 @@ def _search_lists(tasks, bank, bank_norms, queries, n_candidates):
         )
         for members, asking in iter(next_task, None):
             vectors, norms = bank[members], bank_norms[members]
+            if groups is not None:
+                member_groups = groups[1][members]
             step = max(1, _TILE_ENTRIES // len(members))
             for start in range(0, len(asking), step):
                 these = asking[start : start + step]
                 distances = torch.addmm(
                     norms[None], queries[these], vectors.T, alpha=-2.0
                 )
+                if groups is not None:
+                    own = groups[0][these, None] == member_groups[None, :]
+                    distances.masked_fill_(own, float("inf"))
                 values, found = torch.topk(
                     distances, min(n_candidates, len(members)), dim=1, largest=False
                 )
@@ -232,5 +292,7 @@ def _search_lists(tasks, bank, bank_norms, queries, n_candidates):
         found = [worker()]
     values = torch.cat([values for values, _ in found], dim=1)
     rows = torch.cat([rows for _, rows in found], dim=1)
-    kept = torch.topk(values, n_candidates, dim=1, largest=False).indices
-    return rows.gather(1, kept).cpu().numpy()
+    values, kept = torch.topk(values, n_candidates, dim=1, largest=False)
+    rows = rows.gather(1, kept)
+    rows[torch.isinf(values)] = -1
+    return rows.cpu().numpy()

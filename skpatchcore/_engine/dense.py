@@ -37,8 +37,8 @@ class ScoringGraph(nn.Module):
     Parameters
     ----------
     detector : PatchCoreDetector
-        A fitted detector with ``nn_algorithm="exact"``. Its network is
-        copied onto the CPU; the detector is not modified.
+        A fitted detector searching exactly (``nn_algorithm_ == "exact"``).
+        Its network is copied onto the CPU; the detector is not modified.
 
     Attributes
     ----------
@@ -262,16 +262,12 @@ def check_exportable(detector):
         If it is not fitted.
     """
     # Checked first: fitting would not help.
-    if detector.nn_algorithm != "exact":
-        raise ValueError(
-            "Only nn_algorithm='exact' can be exported, got "
-            f"nn_algorithm={detector.nn_algorithm!r}: the graph searches the "
-            "whole memory bank, so it would not give the approximate "
-            "neighbours this detector scores with. Fit the detector with "
-            "nn_algorithm='exact' to export it."
-        )
+    if detector.nn_algorithm not in ("exact", "auto"):
+        _refuse_approximate(detector.nn_algorithm)
     check_is_fitted(detector)
     detector._check_unchanged_since_fit("export")
+    if detector.nn_algorithm_ != "exact":
+        _refuse_approximate(detector.nn_algorithm_)
     if detector.feature_extractor_.grid_shape_ is None:
         raise ValueError(
             f"resize={detector.resize!r} gives each image a model input of its "
@@ -338,3 +334,13 @@ def build_scoring_graph(detector):
             "again."
         ) from exc
     return graph
+
+
+def _refuse_approximate(algorithm):
+    raise ValueError(
+        "Only nn_algorithm='exact' can be exported, got a detector searching "
+        f"with {algorithm!r}: the graph searches the whole memory bank, so it "
+        "would not give the approximate neighbours this detector scores "
+        "with. Fit the detector with nn_algorithm='exact' to export it "
+        "(nn_algorithm='auto' chooses 'ivf' for large banks)."
+    )
