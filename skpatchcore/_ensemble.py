@@ -368,9 +368,10 @@ class PatchCoreEnsemble(NoveltyDecisionsMixin, _BaseComposition):
         seed = self.random_state
         if not isinstance(seed, numbers.Integral):
             seed = int(check_random_state(seed).randint(np.iinfo(np.int32).max))
+        own_memories = [t.memory for t in templates]
         members = [
-            clone(t).set_params(random_state=seed, memory=self._member_memory(t))
-            for t in templates
+            clone(t).set_params(random_state=seed, memory=self._member_memory(own))
+            for t, own in zip(templates, own_memories)
         ]
         # Every member's parameters are checked before the first one is fitted.
         for member in members:
@@ -411,6 +412,7 @@ class PatchCoreEnsemble(NoveltyDecisionsMixin, _BaseComposition):
 
         self.detectors_ = members
         self.named_detectors_ = dict(zip(names, members))
+        self._own_memories = own_memories
         self.n_train_images_ = len(images)
         self.score_means_, self.score_scales_ = score_means, score_scales
         self.map_means_, self.map_scales_ = map_means, map_scales
@@ -440,17 +442,17 @@ class PatchCoreEnsemble(NoveltyDecisionsMixin, _BaseComposition):
         """Refuse to predict with parameters that no longer describe the model."""
         check_unchanged_since_fit(self._fitted_params, self._model_params())
 
-    def _member_memory(self, template):
-        """The ``memory`` of the member cloned from ``template``."""
-        return template.memory if self.memory is None else self.memory
+    def _member_memory(self, own):
+        """A member's ``memory``: the ensemble's, or else ``own``, its own."""
+        return own if self.memory is None else self.memory
 
     def _members_images(self, X):
         """``X`` as a list for every fitted member, once the ensemble is checked."""
         check_is_fitted(self)
         self._check_unchanged_since_fit()
-        # ``memory`` may have changed since fit, the ensemble's or a member's.
-        for (_, template), member in zip(self.detectors, self.detectors_):
-            member.set_params(memory=self._member_memory(template))
+        # The ensemble's ``memory`` may have changed since fit.
+        for own, member in zip(self._own_memories, self.detectors_):
+            member.set_params(memory=self._member_memory(own))
         return _reusable(check_images(X))
 
     def _standardised_scores(self, k, scores):
