@@ -302,3 +302,22 @@ def test_ensemble_members_share_the_cache(tmp_path):
     cached.set_params(memory=None)
     cached.score_samples(test)
     assert [d.memory for d in cached.detectors_] == [None, None]
+
+
+def test_partial_fit_and_pickle_with_memory(tmp_path):
+    X, more, test = images(6), images(3, seed=2), images(2, seed=1)
+    plain = PatchCoreDetector(**COUNTING_PARAMS).fit(X).partial_fit(more)
+    # memory set after fit is a runtime change: partial_fit takes it.
+    cached = PatchCoreDetector(**COUNTING_PARAMS).fit(X)
+    cached.set_params(memory=tmp_path).partial_fit(more)
+    assert np.array_equal(cached.memory_bank_, plain.memory_bank_)
+    scores = plain.score_samples(test)
+    assert np.array_equal(cached.score_samples(test), scores)
+    # A saved detector keeps its memory and reads the cache after loading.
+    path = tmp_path / "detector.joblib"
+    joblib.dump(cached, path)
+    loaded = joblib.load(path)
+    assert loaded.memory == tmp_path
+    PASSES.clear()
+    assert np.array_equal(loaded.score_samples(test), scores)
+    assert [n for n in PASSES if n > 1] == []
