@@ -35,6 +35,7 @@ _EXTRACTOR_PARAMS = (
     "max_image_size",
     "device",
     "batch_size",
+    "memory",
 )
 
 
@@ -264,6 +265,19 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         algorithm by the images in a pass, which moves features in their
         last bits, and scores agree to a relative 1e-5 between batch sizes.
 
+    memory : str, path-like, joblib.Memory or None, default=None
+        Caches the backbone's layer outputs, before aggregation, per image
+        on disk: a folder, or a :class:`joblib.Memory`. A later ``fit`` or
+        prediction on the same images with the same backbone, weights,
+        layers, normalisation and input geometry reads them back instead of
+        running the backbone, so :class:`~sklearn.model_selection.GridSearchCV`
+        over any other parameter (``patch_size``, ``coreset_ratio``,
+        ``n_reweight_neighbors``, ``sigma``, ``contamination``, ...) runs
+        it once per image and pass size. Results are identical with and
+        without it. None (the default) caches nothing. See the user guide,
+        "Caching the backbone's outputs", for the disk used per image and
+        how to clear it.
+
     n_jobs : int, default=None
         Chunks of the partitioned coreset selected in parallel, through
         joblib: ``None`` means 1 unless in a :func:`joblib.parallel_backend`
@@ -279,10 +293,10 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         Show a progress bar per stage of ``fit`` (features, coreset,
         calibration) and over the images of each prediction when positive;
         the bars are tqdm's in notebooks and terminals when it is
-        installed, else (as in a log file) printed lines. ``verbose``, ``batch_size``,
-        ``n_jobs`` and ``device`` may be changed after ``fit``; changing
-        any other parameter makes the fitted detector refuse to predict
-        until it is fitted again.
+        installed, else (as in a log file) printed lines. ``verbose``,
+        ``batch_size``, ``n_jobs``, ``memory`` and ``device`` may be changed
+        after ``fit``; changing any other parameter makes the fitted detector
+        refuse to predict until it is fitted again.
 
     Attributes
     ----------
@@ -492,6 +506,7 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         nn_algorithm="auto",
         device="auto",
         batch_size=16,
+        memory=None,
         n_jobs=None,
         random_state=None,
         verbose=0,
@@ -519,6 +534,7 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         self.nn_algorithm = nn_algorithm
         self.device = device
         self.batch_size = batch_size
+        self.memory = memory
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.verbose = verbose
@@ -564,7 +580,8 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         thresholds. Its time grows with the new images and the bank, not
         with the images of earlier calls, which are not needed: a detector
         loaded from a file can be updated. Parameters that define the model
-        (all but ``verbose``, ``batch_size``, ``n_jobs`` and ``device``)
+        (all but ``verbose``, ``batch_size``, ``n_jobs``, ``memory`` and
+        ``device``)
         cannot change between calls.
 
         Parameters
@@ -643,8 +660,8 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         else:
             random_state = copy.deepcopy(self._random_state)
             extractor, n_seen = self.feature_extractor_, self.n_train_images_
-            # A device changed since fit is honoured here too.
-            extractor.set_params(device=self.device)
+            # A device or memory changed since fit is honoured here too.
+            extractor.set_params(device=self.device, memory=self.memory)
             n_train_patches = self._n_train_patches
             earlier_bank = self.memory_bank_
             earlier_scores = self.calibration_scores_
@@ -759,6 +776,7 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         extractor = self.feature_extractor_
         if str(extractor.device) != str(self.device):
             extractor.set_params(device=self.device)
+        extractor.set_params(memory=self.memory)
         # The extractor moves the backbone; the engine moves the rest with it.
         extractor._features()
         self._model.to(extractor.device_)

@@ -2,11 +2,12 @@
 
 import functools
 import numbers
+import os
 
 import numpy as np
 from sklearn.base import BaseEstimator, _fit_context, clone
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.metaestimators import _BaseComposition
 from sklearn.utils.validation import check_is_fitted
 
@@ -73,6 +74,15 @@ class PatchCoreEnsemble(NoveltyDecisionsMixin, _BaseComposition):
         Given to every member in place of its own, so that all members draw
         the same calibration sample (see Notes): an int as it is, else an
         int drawn from it. Pass an int for reproducible results.
+
+    memory : str, path-like, joblib.Memory or None, default=None
+        Caches the backbone's layer outputs per image on disk, as
+        :class:`PatchCoreDetector`'s ``memory`` does; given to every member
+        in place of its own. Members with the same backbone, weights,
+        layers, normalisation and input geometry (differing in
+        ``patch_size``, say) then run it once per image between them.
+        None leaves each member its own ``memory``. May change after
+        ``fit``; results are identical with and without it.
 
     Attributes
     ----------
@@ -215,12 +225,16 @@ class PatchCoreEnsemble(NoveltyDecisionsMixin, _BaseComposition):
             Interval(numbers.Real, 0, 0.5, closed="right"),
         ],
         "random_state": ["random_state"],
+        "memory": [None, str, os.PathLike, HasMethods("cache")],
     }
 
-    def __init__(self, detectors, *, contamination="auto", random_state=None):
+    def __init__(
+        self, detectors, *, contamination="auto", random_state=None, memory=None
+    ):
         self.detectors = detectors
         self.contamination = contamination
         self.random_state = random_state
+        self.memory = memory
 
     def get_params(self, deep=True):
         """Get parameters for this ensemble.
@@ -341,7 +355,11 @@ class PatchCoreEnsemble(NoveltyDecisionsMixin, _BaseComposition):
         seed = self.random_state
         if not isinstance(seed, numbers.Integral):
             seed = int(check_random_state(seed).randint(np.iinfo(np.int32).max))
-        members = [clone(t).set_params(random_state=seed) for t in templates]
+        own_memories = [t.memory for t in templates]
+        members = [
+            clone(t).set_params(random_state=seed, memory=self._member_memory(own))
+            for t, own in zip(templates, own_memories)
+        ]
         # Every member's parameters are checked before the first one is fitted.
         for member in members:
             member._validate_params()
@@ -381,6 +399,7 @@ class PatchCoreEnsemble(NoveltyDecisionsMixin, _BaseComposition):
 
         self.detectors_ = members
         self.named_detectors_ = dict(zip(names, members))
+        self._own_memories = own_memories
         self.n_train_images_ = len(images)
         self.score_means_, self.score_scales_ = score_means, score_scales
         self.map_means_, self.map_scales_ = map_means, map_scales
@@ -425,10 +444,17 @@ class PatchCoreEnsemble(NoveltyDecisionsMixin, _BaseComposition):
         """Refuse to predict with parameters that no longer describe the model."""
         check_unchanged_since_fit(self._fitted_params, self._model_params())
 
+    def _member_memory(self, own):
+        """A member's ``memory``: the ensemble's, or else ``own``, its own."""
+        return own if self.memory is None else self.memory
+
     def _members_images(self, X):
         """``X`` as a list for every fitted member, once the ensemble is checked."""
         check_is_fitted(self)
         self._check_unchanged_since_fit()
+        # The ensemble's ``memory`` may have changed since fit.
+        for own, member in zip(self._own_memories, self.detectors_):
+            member.set_params(memory=self._member_memory(own))
         return reusable_sources(check_images(X))
 
     def _standardised_scores(self, k, scores):

@@ -8,13 +8,15 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import (
+    HasMethods,
     Interval,
     InvalidParameterError,
     StrOptions,
 )
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import check_is_fitted, check_memory
 
 from ._features.backbones import load_backbone
+from ._features.feature_cache import FeatureCache
 from ._features.normalization import check_normalization
 from ._features.patch_features import PatchFeatures
 from ._features.taps import build_feature_network, check_layers, describe_layers
@@ -140,6 +142,17 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         Images loaded and transformed together: one backbone pass on a GPU,
         passes of about 100,000 input pixels per thread on the CPU.
 
+    memory : str, path-like, joblib.Memory or None, default=None
+        Caches the backbone's layer outputs, before aggregation, per image
+        on disk: a folder, or a :class:`joblib.Memory`. Later calls on the
+        same images with the same backbone, weights, layers, normalisation
+        and input geometry read them back instead of running the backbone,
+        whatever ``patch_size``, ``patch_stride`` and ``feature_dim``, so a
+        grid search over those runs it once per image. Features are
+        identical with and without it. None (the default) caches nothing.
+        May change after ``fit``. See the user guide, "Caching the
+        backbone's outputs", for the disk used and how to clear it.
+
     verbose : int, default=0
         Print progress when positive.
 
@@ -220,6 +233,7 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         # "auto" is a str: StrOptions({"auto"}) beside str would be redundant.
         "device": [str, torch.device],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
+        "memory": [None, str, os.PathLike, HasMethods("cache")],
         "verbose": ["verbose"],
     }
 
@@ -238,6 +252,7 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         max_image_size=None,
         device="auto",
         batch_size=16,
+        memory=None,
         verbose=0,
     ):
         self.backbone = backbone
@@ -252,6 +267,7 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         self.max_image_size = max_image_size
         self.device = device
         self.batch_size = batch_size
+        self.memory = memory
         self.verbose = verbose
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -399,7 +415,19 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
             self._engine.to(device)
             self.device_, self.model_ = device, self._engine.network
             self._fitted_device = str(self.device)
+        self._engine.cache = self._feature_cache()
         return self._engine
+
+    def _feature_cache(self):
+        """The engine's cache of layer maps that ``memory`` asks for now."""
+        memory = self.memory
+        if isinstance(memory, os.PathLike):
+            memory = os.fspath(memory)
+        memory = check_memory(memory)
+        # A joblib.Memory without a location caches nothing.
+        if getattr(memory, "location", "") is None:
+            return None
+        return FeatureCache(memory)
 
     def get_grid_shape(self, image_shape):
         """Shape of the patch grid of an image of a given size.

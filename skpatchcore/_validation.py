@@ -8,7 +8,7 @@ from sklearn.utils.validation import column_or_1d
 
 # Parameters that only say how to run: changing them after fit takes effect at
 # the next call. Every other parameter defines the fitted model.
-RUNTIME_PARAMS = ("device", "batch_size", "n_jobs", "verbose")
+RUNTIME_PARAMS = ("device", "batch_size", "n_jobs", "memory", "verbose")
 
 
 def same_value(a, b):

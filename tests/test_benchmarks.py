@@ -161,6 +161,21 @@ CASES = {
             "bank | last call s |",
         ),
     ),
+    "grid_search.py": Case(
+        [
+            "--n-normal=4",
+            "--n-defective=2",
+            "--patch-sizes=1,3",
+            "--coreset-ratios=0.5",
+            "--folds=2",
+            "--image-size=64",
+        ],
+        needs=("elpv_dataset",),
+        headers=(
+            "| memory | search s | ratio to None | best parameters | best AUROC |",
+        ),
+        notes=("| cv_results_ identical | yes |",),
+    ),
     "export.py": Case(
         ["--n-train=4", "--n-test=2", "--image-size=64"],
         needs=("mpdd", "onnxruntime"),

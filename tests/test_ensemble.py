@@ -337,6 +337,7 @@ def test_get_params_set_params_and_clone():
         "detectors",
         "contamination",
         "random_state",
+        "memory",
     }
 
     ensemble.set_params(fine__coreset_ratio=0.5, contamination=0.1)

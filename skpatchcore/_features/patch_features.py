@@ -15,6 +15,7 @@ from .._images import (
 )
 from .aggregation import PatchAggregator
 from .batch_norm_folding import fold_batch_norms
+from .feature_cache import image_keys, network_digest
 
 # Devices whose backbone pass runs under bfloat16 autocast: a GPU's tensor
 # cores run it several times faster than float32. The maps are float32 again
@@ -67,6 +68,10 @@ class PatchFeatures:
     size_multiple : int or None
         Set with ``resize="keep_aspect"``.
     feature_dim : int
+    cache : FeatureCache or None
+        Where the layer maps of each backbone pass are looked up and stored;
+        None (the default) runs the backbone on every call. The estimators
+        set it from their ``memory`` parameter before each use.
     """
 
     def __init__(
@@ -94,6 +99,8 @@ class PatchFeatures:
         self.layer_channels = self.grid_shape = self.size_multiple = None
         self.feature_dim = self.aggregator = self._grid_growth = None
         self._requested_dim = feature_dim
+        self.cache = None
+        self._network_digest = None
 
     @property
     def keep_aspect(self):
@@ -276,15 +283,56 @@ class PatchFeatures:
             pixels = _CPU_PIXELS_PER_THREAD * torch.get_num_threads()
             per_pass = max(1, pixels // math.prod(batch.shape[2:]))
         with torch.inference_mode():
-            batch = batch.to(self.device, memory_format=torch.channels_last)
-            batch = (batch - mean) / std
+            inputs = batch.to(self.device, memory_format=torch.channels_last)
+            inputs = (inputs - mean) / std
             features = torch.cat(
                 [
-                    self.aggregator(self.layer_maps(images))
-                    for images in batch.split(per_pass)
+                    self.aggregator(self._pass_maps(images, pixels))
+                    for images, pixels in zip(
+                        inputs.split(per_pass), batch.split(per_pass)
+                    )
                 ]
             )
         return features.permute(0, 2, 3, 1).float().cpu().numpy()
+
+    def _pass_maps(self, images, pixels):
+        """:meth:`layer_maps` of one pass, through the cache when there is one.
+
+        ``pixels`` are the pass's ``[0, 1]`` inputs, which key the cache.
+        """
+        if self.cache is None:
+            return self.layer_maps(images)
+        keys = image_keys(self._cache_setting(len(images)), pixels)
+        return self.cache.layer_maps(
+            keys, lambda: self.layer_maps(images), self.device
+        )
+
+    def _cache_setting(self, n_images):
+        """All that the layer maps of a pass depend on besides its pixels."""
+        if self._network_digest is None:
+            # Once per engine: it reads every weight of the network.
+            self._network_digest = network_digest(self.network)
+        device = self.device.type
+        if device == "cuda":
+            device = torch.cuda.get_device_name(self.device)
+        elif device == "cpu":
+            device = f"cpu, {torch.get_num_threads()} threads"
+        return repr(
+            (
+                self._network_digest,
+                self.layers,
+                self.mean,
+                self.std,
+                self.image_size,
+                self.resize,
+                self.max_image_size,
+                self.size_multiple,
+                device,
+                self.device.type in _BFLOAT16_DEVICES,
+                torch.__version__,
+                n_images,
+            )
+        )
 
     def batches(self, sources, batch_size):
         """Yield the :class:`FeatureBatch` of each ``batch_size`` validated sources.
