@@ -176,6 +176,7 @@ def test_image_content_misses_the_cache(tmp_path):
     assert fit_passes(params, changed) == 3
 
 
+@pytest.mark.slow
 def test_pass_size_is_in_the_key(tmp_path):
     """A map computed in a pass of n images is reused in passes of n only.
 
