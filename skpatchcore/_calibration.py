@@ -62,6 +62,7 @@ def thresholds(scores, maxima, contamination):
             f"{math.ceil(1.0 / contamination) - 1} images (max_calibration_images, "
             "or calibration_holdout) or raise contamination.",
             UserWarning,
+            stacklevel=2,
         )
     return (
         score_threshold(scores, contamination),
