@@ -17,6 +17,8 @@ from skpatchcore._bank import search as _search
 from skpatchcore._bank.builder import BankBuilder
 from skpatchcore._bank.coreset import _greedy_steps as greedy_steps
 from skpatchcore._bank.search import MemoryBank
+from skpatchcore._calibration import thresholds as calibration_thresholds
+from skpatchcore._conformal import pvalues as conformal_pvalues
 from skpatchcore._feature_batch import FeatureBatch
 from skpatchcore._features import patch_features as _patch_features
 from skpatchcore._features.backbones import load_backbone
@@ -33,6 +35,8 @@ __all__ = [
     "QUERY_TILE",
     "BankBuilder",
     "MemoryBank",
+    "calibration_thresholds",
+    "conformal_pvalues",
     "extractor_networks",
     "fitted_searcher",
     "greedy_steps",
