@@ -205,3 +205,22 @@ def test_ensemble_pvalues(cell_arrays, elpv_small):
                 ("b", PatchCoreDetector(**FAST_PARAMS)),
             ]
         ).fit(cell_arrays)
+
+
+def test_reliability_plot_counts_the_flagged_share():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from skpatchcore.plotting import plot_reliability
+
+    p = np.array([0.02, 0.04, 0.3, 0.6, 1.0])
+    ax = plot_reliability(p, alphas=[0.01, 0.05, 0.5], n_calibration=49)
+    realized = ax.get_lines()[0].get_ydata()
+    np.testing.assert_allclose(realized, [0.0, 0.4, 0.6])
+    # Several splits: their mean, with a band.
+    ax = plot_reliability([p, np.ones(5)], alphas=[0.05])
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), [0.2])
+    assert len(ax.collections) == 1
+    with pytest.raises(ValueError, match=r"lie in \(0, 1\]"):
+        plot_reliability(np.array([0.0, 0.5]))
