@@ -35,6 +35,10 @@ Usage, from the repository root::
     python benchmarks/calibration.py --datasets mpdd_metal_plate,elpv_mono --splits 5
     python benchmarks/calibration.py --datasets mpdd_metal_plate --folder-subset \\
         --train-size 4 --n-test 2 --splits 2   # plumbing check
+    # Data sets run apart (in parallel), then one table:
+    python benchmarks/calibration.py --datasets elpv_mono --save mono.json
+    python benchmarks/calibration.py --datasets elpv_poly --save poly.json
+    python benchmarks/calibration.py --report mono.json,poly.json
 """
 
 import argparse
@@ -111,12 +115,20 @@ def parse_args(argv=None):
         help="shorter side images and masks are resized to once (0: as stored)",
     )
     parser.add_argument(
-        "--save", default=None, help="write every split's results to this JSON file"
+        "--save",
+        default=None,
+        help="write the results to this JSON file (again after every split)",
+    )
+    parser.add_argument(
+        "--report",
+        default=None,
+        help="comma-separated JSON files of --save: print their tables, fit nothing",
     )
     args = parser.parse_args(argv)
     args.datasets = split_choices(
         parser, "--datasets", args.datasets, DEFAULT_DATASETS
     )
+    args.report = args.report and [p for p in args.report.split(",") if p.strip()]
     try:
         args.alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
     except ValueError:
@@ -214,7 +226,7 @@ def run_split(train, test, masks, labels, holdout, seed, args):
         flagged = p <= alpha
         predicted = scores < offset
         pixel_flagged = maxima > pixel_threshold
-        result["alphas"][alpha] = {
+        result["alphas"][f"{alpha:g}"] = {
             "image_false_alarms": float(flagged[good].mean()),
             "image_caught": float(flagged[defective].mean()),
             "disagreements": int(np.sum(flagged != predicted)),
@@ -234,10 +246,22 @@ def _mean_se(values):
     return f"{values.mean():.3f} ± {se:.3f}"
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    started = time.perf_counter()
-    command = command_line(__file__, argv)
+def _save(path, command, settings, results, notes):
+    if path:
+        with open(path, "w") as file:
+            json.dump(
+                {
+                    "command": command,
+                    "settings": settings,
+                    "results": results,
+                    "notes": notes,
+                },
+                file,
+            )
+
+
+def run(args, command, settings):
+    """Fit and test every split of every data set; the results and notes."""
     datasets, notes = dataset_notes(args.datasets, args)
     results = {}
     for name in datasets:
@@ -284,27 +308,19 @@ def main(argv=None):
                         args,
                     )
                 )
-        first = results[name][MODES[0]][0]
+            # Saved after every split, so that a run cut short still reports.
+            _save(args.save, command, settings, results, notes)
         notes.append(
             f"{DATASETS[name]}: {n_train} training images and "
             f"{len(pool) - n_train} good test images per split, "
-            f"{len(defects)} defective test images; calibration images: "
-            + ", ".join(
-                f"{mode} {results[name][mode][0]['n_calibration']}" for mode in MODES
-            )
-            + f" (smallest p-value 1 / (n + 1)); bank {first['bank']} entries "
-            "with leave-one-out"
+            f"{len(defects)} defective test images."
         )
+        _save(args.save, command, settings, results, notes)
+    return results, notes
 
-    print_run_facts(
-        command,
-        f"backbone {BACKBONE} (ImageNet weights), coreset_ratio "
-        f"{args.coreset_ratio}, held-out fits with calibration_holdout="
-        f"{args.holdout}, other parameters default, {args.splits} splits "
-        f"(seeds {args.seed} to {args.seed + args.splits - 1}), CPU; ELPV "
-        f"{args.train_size} training cells, {args.n_test} good and "
-        f"{args.n_test} defective test cells before resplitting",
-    )
+
+def print_tables(results, alphas):
+    """The two markdown tables, over the splits that each data set has."""
     print()
     print(
         "False alarms on good test images (mean ± standard error over splits) "
@@ -314,6 +330,7 @@ def main(argv=None):
     header = [
         "data set",
         "calibration",
+        "splits",
         "alpha",
         "image false alarms",
         "image defects caught",
@@ -323,14 +340,17 @@ def main(argv=None):
     rows, disagreements = [], 0
     for name, by_mode in results.items():
         for mode, splits in by_mode.items():
-            for alpha in args.alphas:
-                cells = [split["alphas"][alpha] for split in splits]
+            for alpha in alphas:
+                cells = [split["alphas"][f"{alpha:g}"] for split in splits]
+                if not cells:
+                    continue
                 disagreements += sum(c["disagreements"] for c in cells)
                 caught = [c["pixel_caught"] for c in cells]
                 rows.append(
                     [
                         DATASETS[name],
                         mode,
+                        str(len(splits)),
                         f"{alpha:g}",
                         _mean_se([c["image_false_alarms"] for c in cells]),
                         _mean_se([c["image_caught"] for c in cells]),
@@ -338,7 +358,7 @@ def main(argv=None):
                         "—" if caught[0] is None else _mean_se(caught),
                     ]
                 )
-    print(markdown_table(header, rows, align="lllrrrr"))
+    print(markdown_table(header, rows, align="llrlrrrr"))
     print()
     print("What holding calibration images out of the bank costs")
     print()
@@ -353,6 +373,8 @@ def main(argv=None):
     rows = []
     for name, by_mode in results.items():
         for mode, splits in by_mode.items():
+            if not splits:
+                continue
             rows.append(
                 [
                     DATASETS[name],
@@ -365,15 +387,42 @@ def main(argv=None):
             )
     print(markdown_table(header, rows, align="llrrrr"))
     print()
+    return disagreements
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.perf_counter()
+    command = command_line(__file__, argv)
+    settings = (
+        f"backbone {BACKBONE} (ImageNet weights), coreset_ratio "
+        f"{args.coreset_ratio}, held-out fits with calibration_holdout="
+        f"{args.holdout}, other parameters default, images resized once to "
+        f"{args.side} pixels on the shorter side, split k drawn with seed "
+        f"{args.seed} + k, CPU; ELPV {args.train_size} training cells, "
+        f"{args.n_test} good and {args.n_test} defective test cells before "
+        "resplitting"
+    )
+    if args.report:
+        results, notes, commands = {}, [], []
+        for path in args.report:
+            with open(path) as file:
+                saved = json.load(file)
+            results.update(saved["results"])
+            notes += saved["notes"]
+            commands.append(saved["command"])
+            settings = saved["settings"]
+        command = "; ".join([*commands, command])
+    else:
+        results, notes = run(args, command, settings)
+    print_run_facts(command, settings)
+    disagreements = print_tables(results, args.alphas)
     notes.append(
         "predict with contamination=alpha and pvalues <= alpha disagreed on "
         f"{disagreements} test images over all splits and alphas."
     )
     for line in notes:
         print(f"- {line}")
-    if args.save:
-        with open(args.save, "w") as file:
-            json.dump({"command": command, "results": results}, file)
     print()
     print(f"Total run time: {time.perf_counter() - started:.0f} s")
     return 0

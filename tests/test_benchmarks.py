@@ -145,7 +145,7 @@ CASES = {
         ],
         needs=("mpdd",),
         headers=(
-            "| data set | calibration | alpha | image false alarms | "
+            "| data set | calibration | splits | alpha | image false alarms | "
             "image defects caught | pixel false alarms | pixel defects caught |",
             "| data set | calibration | calibration images | bank | image AUROC | "
             "fit s |",
