@@ -22,6 +22,7 @@ from skpatchcore._conformal import pvalues as conformal_pvalues
 from skpatchcore._feature_batch import FeatureBatch
 from skpatchcore._features import patch_features as _patch_features
 from skpatchcore._features.backbones import load_backbone
+from skpatchcore._features.patch_features import PatchFeatures
 from skpatchcore._images import input_geometry, load_image, to_model_input
 from skpatchcore._scoring.maps import model_input_maps, to_original_geometry
 from skpatchcore._scoring.patch_scores import score_batch
@@ -35,6 +36,7 @@ __all__ = [
     "QUERY_TILE",
     "BankBuilder",
     "MemoryBank",
+    "PatchFeatures",
     "calibration_thresholds",
     "conformal_pvalues",
     "extractor_networks",
