@@ -627,8 +627,8 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         being ``calibration_holdout`` (a fraction: of all images seen), and
         the new images drawn into it are kept out of the bank; an earlier
         held-out image that the sample drops is lost to both. The earlier
-        images' scores, taken against a smaller bank, are then a little
-        conservative.
+        images' scores were taken against a smaller bank, which tends to
+        make them look more anomalous: stricter thresholds.
         """
         if hasattr(self, "memory_bank_"):
             self._check_unchanged_since_fit("partial_fit")
