@@ -31,10 +31,12 @@ as usual). The backbone then sees each image in one batch composition only,
 which fixes the float32 rounding that batch composition moves (by a relative
 1e-5 at most, see ``batch_size``).
 
-The tables give the mean over splits and its standard error (standard
-deviation over splits / sqrt(splits)), and the share of defective images
-caught. A second table gives the cost of holding images out of the bank:
-image AUROC, bank size and fit time.
+The tables give the rate that good images exchangeable with the
+calibration images would have (``floor(alpha (n + 1)) / (n + 1)``, the
+guarantee's own finite-sample value), the mean over splits and its standard
+error (standard deviation over splits / sqrt(splits)), and the share of
+defective images caught. A second table gives the cost of holding images
+out of the bank: image AUROC, bank size and fit time.
 
 Usage, from the repository root::
 
@@ -307,6 +309,12 @@ def run_split(train, test, masks, labels, holdout, seed, args):
     return result
 
 
+def _exchangeable_rate(alpha, n):
+    """False-alarm rate of good images exchangeable with ``n`` calibration
+    images: the share of the ``n + 1`` equally likely ranks flagged."""
+    return sum((1 + k) / (n + 1) <= alpha for k in range(n + 1)) / (n + 1)
+
+
 def _mean_se(values):
     values = np.asarray(values, dtype=float)
     se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else np.nan
@@ -395,6 +403,7 @@ def print_tables(results, alphas):
         "calibration",
         "splits",
         "alpha",
+        "exchangeable rate",
         "image false alarms",
         "image defects caught",
         "pixel false alarms",
@@ -415,13 +424,14 @@ def print_tables(results, alphas):
                         mode,
                         str(len(splits)),
                         f"{alpha:g}",
+                        f"{_exchangeable_rate(alpha, splits[0]['n_calibration']):.3f}",
                         _mean_se([c["image_false_alarms"] for c in cells]),
                         _mean_se([c["image_caught"] for c in cells]),
                         _mean_se([c["pixel_false_alarms"] for c in cells]),
                         "—" if caught[0] is None else _mean_se(caught),
                     ]
                 )
-    print(markdown_table(header, rows, align="llrlrrrr"))
+    print(markdown_table(header, rows, align="llrlrrrrr"))
     print()
     print("What holding calibration images out of the bank costs")
     print()

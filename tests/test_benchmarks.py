@@ -145,8 +145,9 @@ CASES = {
         ],
         needs=("mpdd",),
         headers=(
-            "| data set | calibration | splits | alpha | image false alarms | "
-            "image defects caught | pixel false alarms | pixel defects caught |",
+            "| data set | calibration | splits | alpha | exchangeable rate | image "
+            "false alarms | image defects caught | pixel false alarms | pixel "
+            "defects caught |",
             "| data set | calibration | calibration images | bank | image AUROC | "
             "fit s |",
         ),
