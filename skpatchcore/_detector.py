@@ -7,7 +7,7 @@ import numbers
 import numpy as np
 from sklearn.base import BaseEstimator, _fit_context
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import Interval, RealNotInt, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._bank.builder import BankBuilder
@@ -485,7 +485,7 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         "max_calibration_images": [Interval(numbers.Integral, 2, None, closed="left")],
         "calibration_holdout": [
             Interval(numbers.Integral, 1, None, closed="left"),
-            Interval(numbers.Real, 0, 1, closed="neither"),
+            Interval(RealNotInt, 0, 1, closed="neither"),
             None,
         ],
         "n_jobs": [numbers.Integral, None],
