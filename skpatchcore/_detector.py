@@ -411,12 +411,10 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
     image whose values are exchangeable with the calibration images' is
     flagged with probability at most ``alpha`` (and at least ``alpha -
     1 / (n + 1)`` without ties). Leave-one-image-out scores are close to
-    those of unseen images, not exchangeable with them: every image's
-    patches helped choose the coreset, which makes held-out training
-    images look a little more anomalous than new ones, and the realized
-    false-alarm rate falls below ``alpha`` (see :ref:`results`).
-    ``calibration_holdout`` makes the guarantee exact, for a bank built on
-    fewer images. An image whose
+    those of unseen images but not exchangeable with them (every image's
+    patches helped choose the coreset), so there the guarantee is
+    approximate; ``calibration_holdout`` makes it exact, for a bank built
+    on fewer images (:ref:`results` compares both). An image whose
     patches have no bank entry from any other image (when the whole bank
     came from it) cannot be scored this way and is left out. At least two
     training images are therefore needed.
