@@ -18,9 +18,11 @@ from skpatchcore._bank.builder import BankBuilder
 from skpatchcore._bank.coreset import _greedy_steps as greedy_steps
 from skpatchcore._bank.search import MemoryBank
 from skpatchcore._calibration import thresholds
+from skpatchcore._conformal import pvalues as conformal_pvalues
 from skpatchcore._feature_batch import FeatureBatch
 from skpatchcore._features import patch_features as _patch_features
 from skpatchcore._features.backbones import load_backbone
+from skpatchcore._features.patch_features import PatchFeatures
 from skpatchcore._images import input_geometry, load_image, to_model_input
 from skpatchcore._scoring.maps import model_input_maps, to_original_geometry
 from skpatchcore._scoring.patch_scores import score_batch
@@ -34,6 +36,8 @@ __all__ = [
     "QUERY_TILE",
     "BankBuilder",
     "MemoryBank",
+    "PatchFeatures",
+    "conformal_pvalues",
     "extractor_networks",
     "fitted_searcher",
     "greedy_steps",

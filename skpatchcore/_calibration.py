@@ -1,14 +1,20 @@
 """Thresholds from held-out scores of training images, for every estimator.
 
 A calibration image is scored against the memory bank without the entries
-taken from it (leave one image out), which is how an unseen good image is
-scored. Its held-out ``score_samples`` and the largest value of its held-out
-anomaly map, at the image's own resolution where ``predict_masks`` compares
-maps with the pixel threshold, set ``offset_`` and ``pixel_threshold_``.
+taken from it (leave one image out), which is close to how an unseen good
+image is scored, or, with ``calibration_holdout``, against the whole bank,
+which it was kept out of. Its held-out ``score_samples`` and the largest
+value of its held-out anomaly map, at the image's own resolution where
+``predict_masks`` compares maps with the pixel threshold, set ``offset_`` and
+``pixel_threshold_``.
 """
+
+import math
+import warnings
 
 import numpy as np
 
+from ._conformal import map_threshold, n_rejectable, score_threshold
 from ._progress import progress_bar
 
 
@@ -36,7 +42,9 @@ def thresholds(scores, maxima, contamination):
 
     contamination : "auto" or float
         "auto": the most anomalous values that are not outliers by Tukey's
-        rule; a float: the fraction of calibration images to be flagged.
+        rule; a float ``alpha``: the conformal thresholds at which a good
+        image exchangeable with the calibration images is flagged with
+        probability at most ``alpha`` (see :mod:`._conformal`).
 
     Returns
     -------
@@ -44,9 +52,21 @@ def thresholds(scores, maxima, contamination):
     """
     if contamination == "auto":
         return float(-upper_whisker(-scores)), float(upper_whisker(maxima))
+    n = len(scores)
+    if n_rejectable(n, contamination) == 0:
+        warnings.warn(
+            f"contamination={contamination} is below 1 / (n_calibration_images "
+            f"+ 1) = {1.0 / (n + 1):.3g}: with {n} calibration images no "
+            "p-value can be that small, so predict and predict_masks flag "
+            "nothing. Calibrate on at least "
+            f"{math.ceil(1.0 / contamination) - 1} images (max_calibration_images, "
+            "or calibration_holdout) or raise contamination.",
+            UserWarning,
+            stacklevel=2,
+        )
     return (
-        float(np.quantile(scores, contamination)),
-        float(np.quantile(maxima, 1.0 - contamination)),
+        score_threshold(scores, contamination),
+        map_threshold(maxima, contamination),
     )
 
 
@@ -92,8 +112,10 @@ def held_out_values(
     images : ndarray of int
         Training image of each of the batch's images.
 
-    bank_images : ndarray of int
-        Training image of each bank entry (-1: of an earlier call).
+    bank_images : ndarray of int or None
+        Training image of each bank entry (-1: of an earlier call). None
+        when the calibration images were held out of the bank: they are
+        then scored against the whole bank, as new images are.
 
     batch_size : int
         Images scored together.
@@ -121,9 +143,8 @@ def held_out_values(
         for start in range(0, len(images), batch_size):
             part = np.arange(start, min(start + batch_size, len(images)))
             features = batch.select(part)
-            anomaly, distances = model.score(
-                features, exclude=(images[part], bank_images)
-            )
+            exclude = None if bank_images is None else (images[part], bank_images)
+            anomaly, distances = model.score(features, exclude=exclude)
             maps = model.image_maps(features, distances)
             scores.append(-anomaly)
             maxima.append(np.array([m.max() for m in maps]))

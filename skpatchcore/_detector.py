@@ -7,7 +7,7 @@ import numbers
 import numpy as np
 from sklearn.base import BaseEstimator, _fit_context
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import Interval, RealNotInt, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._bank.builder import BankBuilder
@@ -180,7 +180,21 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         Training images scored, each against the bank without its own
         patches, to set ``offset_`` and ``pixel_threshold_``: all of them up
         to this number, else a seeded random sample of this many. Each costs
-        about as much as scoring a new image. At least 2.
+        about as much as scoring a new image. At least 2. The smallest
+        useful float ``contamination`` is about ``1 / (n + 1)`` for ``n``
+        calibration images. Not used with ``calibration_holdout``.
+
+    calibration_holdout : int, float or None, default=None
+        None: the calibration images are scored leaving their own patches
+        out of the bank (leave one image out), so every training image
+        also serves the bank. An int ``k`` or a float ``f`` in (0, 1): a
+        seeded random sample of ``k`` training images, or of ``ceil(f *
+        n_train_images)``, is kept out of the memory bank entirely and
+        serves only to calibrate, scored against the whole bank as a new
+        image is. The p-values of :meth:`pvalues`, and a float
+        ``contamination``, are then exact for good images exchangeable with
+        the training images, at the cost of a bank built on fewer images
+        (see Notes).
 
     n_reweight_neighbors : int, default=9
         ``b`` of eq. 7: the bank neighbours of ``m*`` (``m*`` included) over
@@ -205,12 +219,16 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         ``ceil(q * n_patches)`` largest ones (AnomalyDINO takes 0.01).
 
     contamination : "auto" or float, default="auto"
-        Sets ``offset_`` and ``pixel_threshold_`` from leave-one-image-out
-        scores of the training images (see Notes). "auto" sets aside the
-        training images whose held-out score is an outlier by Tukey's rule
-        (beyond 1.5 interquartile ranges) and puts the threshold at the most
-        anomalous of the others; a float in (0, 0.5] is the fraction of
-        training images to be flagged, the thresholds being quantiles.
+        Sets ``offset_`` and ``pixel_threshold_`` from held-out scores of
+        the calibration images (see Notes). "auto" sets aside the
+        calibration images whose held-out score is an outlier by Tukey's
+        rule (beyond 1.5 interquartile ranges) and puts the threshold at the
+        most anomalous of the others. A float ``alpha`` in (0, 0.5] is the
+        false-alarm rate: ``predict`` flags an image iff its conformal
+        p-value (:meth:`pvalues`) is at most ``alpha``, and
+        ``predict_masks`` marks any pixel of a good image with probability
+        at most ``alpha``. Below ``1 / (n_calibration_images_ + 1)`` no
+        threshold reaches ``alpha``: nothing is flagged, with a warning.
 
     nn_algorithm : {"auto", "exact", "ivf", "pynndescent"}, default="auto"
         Nearest-neighbour search of the patches in the memory bank, for the
@@ -330,7 +348,8 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         Training images whose held-out scores set the thresholds.
 
     calibration_scores_ : ndarray of shape (n_calibration_images,)
-        Held-out ``score_samples`` of the calibration images.
+        Held-out ``score_samples`` of the calibration images, against which
+        :meth:`pvalues` ranks new images.
 
     calibration_map_maxima_ : ndarray of shape (n_calibration_images,)
         Largest held-out anomaly-map value of each calibration image, at the
@@ -341,6 +360,8 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         Position of each calibration image among the ``n_train_images_``
         training images, in the order given (over all calls of
         :meth:`partial_fit`; images that ``y`` labels -1 are not counted).
+        With ``calibration_holdout``, these images are not in the memory
+        bank.
 
     grid_shape_ : tuple of int or None
         ``(height, width)`` of the patch grid of one image; None with
@@ -404,15 +425,27 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
     its own patches removed (leave one image out), which is how an unseen
     good image is scored; the largest value of its held-out anomaly map (at
     the image's own resolution, as ``predict_masks`` sees it) is
-    kept too. For "auto", ``offset_`` is the lowest of these
+    kept too. With ``calibration_holdout``, the calibration images are
+    instead kept out of the bank and scored against all of it. For "auto",
+    ``offset_`` is the lowest of these
     ``score_samples`` not below Tukey's fence ``Q1 - 1.5 IQR`` (the end of
     the lower whisker of their box plot), and ``pixel_threshold_`` the
     highest of the largest map values not above their ``Q3 + 1.5 IQR``:
     every calibration image is an inlier except those that stand out from
     the others, and neither threshold is ever more lenient than the most
-    anomalous calibration image. For a float, ``offset_`` is the
-    ``contamination`` quantile of the scores and ``pixel_threshold_`` the
-    ``1 - contamination`` quantile of the largest map values. An image whose
+    anomalous calibration image. For a float ``alpha``, with ``n``
+    calibration images and ``m`` the number of integers ``k >= 0`` with
+    ``(1 + k) / (n + 1) <= alpha`` (about ``alpha (n + 1)``), ``offset_``
+    is the ``m``-th lowest held-out score and ``pixel_threshold_`` the
+    ``m``-th highest of the largest map values: the conformal
+    finite-sample correction of the ``alpha`` quantile [6]_, so that a good
+    image whose values are exchangeable with the calibration images' is
+    flagged with probability at most ``alpha`` (and at least ``alpha -
+    1 / (n + 1)`` without ties). Leave-one-image-out scores are close to
+    those of unseen images but not exchangeable with them (every image's
+    patches helped choose the coreset), so there the guarantee is
+    approximate; ``calibration_holdout`` makes it exact, for a bank built
+    on fewer images (:ref:`results` compares both). An image whose
     patches have no bank entry from any other image (when the whole bank
     came from it) cannot be scored this way and is left out. At least two
     training images are therefore needed.
@@ -439,6 +472,9 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
     .. [5] S. Damm, M. Laszkiewicz, J. Lederer and A. Fischer, "AnomalyDINO:
        Boosting Patch-based Few-shot Anomaly Detection with DINOv2", WACV
        2025.
+    .. [6] S. Bates, E. Candès, L. Lei, Y. Romano and M. Sesia, "Testing
+       for outliers with conformal p-values", Annals of Statistics 51(1),
+       2023.
 
     Examples
     --------
@@ -476,6 +512,11 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         "coreset_method": [StrOptions({"auto", "greedy", "partitioned"})],
         "coreset_chunk_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "max_calibration_images": [Interval(numbers.Integral, 2, None, closed="left")],
+        "calibration_holdout": [
+            Interval(numbers.Integral, 1, None, closed="left"),
+            Interval(RealNotInt, 0, 1, closed="neither"),
+            None,
+        ],
         "n_jobs": [numbers.Integral, None],
         "random_state": ["random_state"],
     }
@@ -498,6 +539,7 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         coreset_method="auto",
         coreset_chunk_size=16384,
         max_calibration_images=100,
+        calibration_holdout=None,
         n_reweight_neighbors=9,
         sigma=4.0,
         distance="euclidean",
@@ -526,6 +568,7 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         self.coreset_method = coreset_method
         self.coreset_chunk_size = coreset_chunk_size
         self.max_calibration_images = max_calibration_images
+        self.calibration_holdout = calibration_holdout
         self.n_reweight_neighbors = n_reweight_neighbors
         self.sigma = sigma
         self.distance = distance
@@ -611,7 +654,13 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         sample of at most ``max_calibration_images`` images drawn uniformly
         from all images seen: those of earlier calls keep the held-out scores
         they had then (their features are not kept), those of this call are
-        scored against the whole new bank without their own patches.
+        scored against the whole new bank without their own patches. With
+        ``calibration_holdout``, the sample is drawn the same way, its size
+        being ``calibration_holdout`` (a fraction: of all images seen), and
+        the new images drawn into it are kept out of the bank; an earlier
+        held-out image that the sample drops is lost to both. The earlier
+        images' scores were taken against a smaller bank, which tends to
+        make them look more anomalous: stricter thresholds.
         """
         if hasattr(self, "memory_bank_"):
             self._check_unchanged_since_fit("partial_fit")
@@ -668,14 +717,28 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
             earlier_maxima = self.calibration_map_maxima_
             earlier_indices = self.calibration_indices_
         n_earlier = len(earlier_scores)
+        hold_out = self.calibration_holdout is not None
         calibration, n_kept = draw_sample(
-            n_seen, n_new, n_earlier, self.max_calibration_images, random_state
+            n_seen,
+            n_new,
+            n_earlier,
+            self._n_calibration_wanted(n_seen + n_new),
+            random_state,
         )
+        if hold_out and first and len(calibration) >= n_new:
+            raise ValueError(
+                f"calibration_holdout={self.calibration_holdout!r} holds out "
+                f"{len(calibration)} of the {n_new} training images, leaving none "
+                "for the memory bank: hold out fewer images or fit on more."
+            )
         features = self._feature_stage(extractor)
         patch_counts = features.patch_counts(sources)
-        n_train_patches += int(patch_counts.sum())
+        # Held-out images add no patches to the bank, nor to the count that
+        # coreset_ratio applies to.
+        bank_counts = np.delete(patch_counts, calibration) if hold_out else patch_counts
+        n_train_patches += int(bank_counts.sum())
         n_bank = math.ceil(self.coreset_ratio * n_train_patches) - len(earlier_bank)
-        n_bank = min(n_bank, int(patch_counts.sum()))
+        n_bank = min(n_bank, int(bank_counts.sum()))
         builder = BankBuilder(
             features,
             projection_dim=self.projection_dim,
@@ -687,7 +750,11 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
             verbose=self.verbose,
         )
         bank, bank_images, kept = builder.build(
-            sources, max(1, n_bank), patch_counts, keep_images=calibration
+            sources,
+            max(1, n_bank),
+            patch_counts,
+            keep_images=calibration,
+            hold_out=hold_out,
         )
         seed = int(random_state.randint(np.iinfo(np.int32).max))
         algorithm = resolve_algorithm(self.nn_algorithm, len(earlier_bank) + len(bank))
@@ -708,7 +775,7 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
             model,
             kept,
             calibration,
-            bank_images,
+            None if hold_out else bank_images,
             self.batch_size,
             self.verbose,
             keep_maps=calibration_maps is not None,
@@ -747,6 +814,16 @@ class PatchCoreDetector(NoveltyDecisionsMixin, BaseEstimator):
         self.pixel_threshold_ = pixel_threshold
         self._fitted_params = self.get_params(deep=False)
         return self
+
+    def _n_calibration_wanted(self, n_images):
+        """Size of the calibration sample among ``n_images`` images seen."""
+        holdout = self.calibration_holdout
+        if holdout is None:
+            return self.max_calibration_images
+        if isinstance(holdout, numbers.Integral):
+            return int(holdout)
+        # A fraction rounds up, as sklearn's train_test_split does its test_size.
+        return math.ceil(holdout * n_images)
 
     def _feature_stage(self, extractor, fitted=False):
         """The extractor's engine, giving unit vectors for the cosine distance."""

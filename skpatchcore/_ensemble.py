@@ -58,7 +58,8 @@ class PatchCoreEnsemble(NoveltyDecisionsMixin, _BaseComposition):
         ``<name>__<parameter>`` (``"wrn__coreset_ratio"``), so
         :class:`~sklearn.model_selection.GridSearchCV` can tune them. The
         detectors given are never fitted themselves: fitted clones are kept
-        in ``detectors_``. They must share ``max_calibration_images``; their
+        in ``detectors_``. They must share ``max_calibration_images`` and
+        ``calibration_holdout``; their
         ``random_state`` and ``contamination`` are not used (see
         ``random_state`` and ``contamination`` below).
 
@@ -67,8 +68,10 @@ class PatchCoreEnsemble(NoveltyDecisionsMixin, _BaseComposition):
         scores and maps of the calibration images, as
         :class:`PatchCoreDetector` does from its own: "auto" puts the
         thresholds at the most anomalous calibration image that is not an
-        outlier by Tukey's rule; a float in (0, 0.5] is the fraction of
-        calibration images to be flagged.
+        outlier by Tukey's rule; a float ``alpha`` in (0, 0.5] is the
+        false-alarm rate: ``predict`` flags an image iff its conformal
+        p-value (:meth:`pvalues`, from the combined scores) is at most
+        ``alpha``.
 
     random_state : int, RandomState instance or None, default=None
         Given to every member in place of its own, so that all members draw
@@ -115,7 +118,8 @@ class PatchCoreEnsemble(NoveltyDecisionsMixin, _BaseComposition):
         that every member scored held out.
 
     calibration_scores_ : ndarray of shape (n_calibration_images,)
-        Combined held-out ``score_samples`` of the calibration images.
+        Combined held-out ``score_samples`` of the calibration images,
+        against which :meth:`pvalues` ranks new images.
 
     calibration_map_maxima_ : ndarray of shape (n_calibration_images,)
         Largest value of the combined held-out anomaly map of each
@@ -179,6 +183,14 @@ class PatchCoreEnsemble(NoveltyDecisionsMixin, _BaseComposition):
     scores and maps; ``contamination`` then sets ``offset_`` from the
     scores and ``pixel_threshold_`` from the largest value of each map, as
     in :class:`PatchCoreDetector`.
+
+    P-values. The combined score of an image is ranked against the
+    combined held-out scores of the calibration images, as
+    :meth:`PatchCoreDetector.pvalues` does. The standardisation is set by
+    the calibration images themselves, the same for every image, so the
+    guarantee of a single detector holds only approximately here; with
+    ``calibration_holdout`` shared by the members, the calibration images
+    are out of every member's bank.
 
     Where a member's calibration scores (or map maxima) all coincide, it is
     centred only: its scale is taken as 1.
@@ -322,12 +334,13 @@ class PatchCoreEnsemble(NoveltyDecisionsMixin, _BaseComposition):
                     "PatchCoreEnsemble, so set_params could not tell them "
                     "apart: rename it."
                 )
-        sizes = {name: d.max_calibration_images for name, d in zip(names, detectors)}
-        if len(set(sizes.values())) > 1:
-            raise ValueError(
-                "The detectors must share max_calibration_images, so that they "
-                f"hold out the same calibration images; got {sizes}."
-            )
+        for param in ("max_calibration_images", "calibration_holdout"):
+            values = {name: getattr(d, param) for name, d in zip(names, detectors)}
+            if len(set(values.values())) > 1:
+                raise ValueError(
+                    f"The detectors must share {param}, so that they hold out "
+                    f"the same calibration images; got {values}."
+                )
         return names, detectors
 
     @_fit_context(prefer_skip_nested_validation=False)

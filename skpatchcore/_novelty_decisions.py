@@ -4,6 +4,8 @@ import numpy as np
 from sklearn.base import OutlierMixin
 from sklearn.utils._available_if import available_if
 
+from ._conformal import pvalues
+
 
 def _novelty_only(detector):
     raise AttributeError(
@@ -51,6 +53,31 @@ class NoveltyDecisionsMixin(OutlierMixin):
             +1 where ``decision_function(X) >= 0``, else -1.
         """
         return np.where(self.decision_function(X) >= 0, 1, -1)
+
+    def pvalues(self, X):
+        """Conformal p-value of each image: how unusual it is among good images.
+
+        ``(1 + k) / (n + 1)``, where ``n`` is ``n_calibration_images_`` and
+        ``k`` the number of calibration images whose held-out score is at
+        least as anomalous (``calibration_scores_ <= score_samples``). A
+        p-value of 0.01 reads "as unusual as about 1 good image in 100". For
+        a good image exchangeable with the calibration images, ``P(p <=
+        alpha) <= alpha`` for every ``alpha``; with a float
+        ``contamination``, ``predict`` flags exactly the images whose
+        p-value is ``<= contamination``. The smallest p-value is ``1 / (n +
+        1)``.
+
+        Parameters
+        ----------
+        X : array-like or list of images
+            Images in any form accepted by :meth:`fit`.
+
+        Returns
+        -------
+        pvalues : ndarray of shape (n_images,)
+            In ``(0, 1]``; small for anomalous images.
+        """
+        return pvalues(self.calibration_scores_, self.score_samples(X))
 
     @available_if(_novelty_only)
     def fit_predict(self, X, y=None):

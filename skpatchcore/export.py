@@ -15,7 +15,11 @@ detector does. Its outputs are ``score_samples`` ``(n_images,)``, as
 more normal), and ``maps`` ``(n_images, height, width)``, the anomaly maps on
 the model input. The detector's thresholds travel with the file as metadata
 (``offset``, ``pixel_threshold``), so that ``score_samples - offset < 0``
-flags an anomalous image and ``maps > pixel_threshold`` its anomalous pixels.
+flags an anomalous image and ``maps > pixel_threshold`` its anomalous pixels,
+with the sorted held-out ``calibration_scores`` (a JSON list), from which an
+image's conformal p-value is ``(1 + #{calibration_scores <= score_samples}) /
+(len(calibration_scores) + 1)``, as
+:meth:`~skpatchcore.PatchCoreDetector.pvalues` computes it.
 
 The ONNX export needs ``onnx`` and ``onnxscript``, and running the file
 ``onnxruntime``: ``pip install "skpatchcore[onnx]"``.
@@ -50,6 +54,10 @@ def _metadata(detector, graph):
     return {
         "offset": repr(float(detector.offset_)),
         "pixel_threshold": repr(float(detector.pixel_threshold_)),
+        # Conformal p-values need the held-out scores, not only the threshold.
+        "calibration_scores": json.dumps(
+            sorted(float(score) for score in detector.calibration_scores_)
+        ),
         "input_height": str(height),
         "input_width": str(width),
         "skpatchcore_version": __version__,
@@ -109,8 +117,8 @@ def export_onnx(detector, path):
 
     The thresholds are in the model's metadata, as strings:
     ``onnxruntime.InferenceSession(path).get_modelmeta().custom_metadata_map``
-    holds ``offset``, ``pixel_threshold``, ``input_height``, ``input_width``
-    and ``skpatchcore_version``.
+    holds ``offset``, ``pixel_threshold``, ``calibration_scores`` (a JSON
+    list), ``input_height``, ``input_width`` and ``skpatchcore_version``.
 
     Examples
     --------

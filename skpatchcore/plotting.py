@@ -1,4 +1,5 @@
-"""Figures of anomaly maps and of the hardest images of a test set.
+"""Figures of anomaly maps, of the hardest images of a test set, and of
+the false-alarm rates of p-values.
 
 matplotlib is an optional dependency, imported only when a function is
 called: ``pip install "skpatchcore[plot]"``.
@@ -13,10 +14,11 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._detector import PatchCoreDetector
 from ._images import input_geometry
+from ._reliability_plot import plot_reliability
 from .datasets import _read_image, load_mask
 from .metrics import _check_image_labels
 
-__all__ = ["plot_anomaly_map", "plot_extremes"]
+__all__ = ["plot_anomaly_map", "plot_extremes", "plot_reliability"]
 
 _MASK_STYLE = {"colors": "lime", "linestyles": "solid"}
 _PRED_MASK_STYLE = {"colors": "white", "linestyles": "dashed"}

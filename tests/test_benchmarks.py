@@ -146,6 +146,26 @@ CASES = {
         headers=("| rule | MPDD metal_plate |",),
         notes=("predict_masks at pixel_threshold_",),
     ),
+    "calibration.py": Case(
+        # MPDD alone, two splits: every split costs two fits.
+        [
+            "--datasets=mpdd_metal_plate",
+            "--folder-subset",
+            "--train-size=4",
+            "--n-test=2",
+            "--splits=2",
+            "--side=64",
+        ],
+        needs=("mpdd",),
+        headers=(
+            "| data set | calibration | splits | alpha | exchangeable rate | image "
+            "false alarms | image defects caught | pixel false alarms | pixel "
+            "defects caught |",
+            "| data set | calibration | calibration images | bank | image AUROC | "
+            "fit s |",
+        ),
+        notes=("disagreed on 0 test images",),
+    ),
     "partial_fit.py": Case(
         # ELPV alone: MPDD's rows would cost three more fits and run the
         # same code but for the masks, which thresholds.py covers.

@@ -20,6 +20,7 @@ from PIL import Image
 from sklearn.exceptions import NotFittedError
 
 from skpatchcore import PatchCoreDetector
+from skpatchcore._conformal import pvalues
 from skpatchcore.export import export_onnx, export_torchscript, prepare_images
 
 ATOL = 1e-4
@@ -146,6 +147,15 @@ def test_onnx_interface_and_metadata(onnx_path, fast_detector):
     metadata = session.get_modelmeta().custom_metadata_map
     assert float(metadata["offset"]) == fast_detector.offset_
     assert float(metadata["pixel_threshold"]) == fast_detector.pixel_threshold_
+    # Enough to compute p-values by hand, as the export's docstring says.
+    calibration = np.array(json.loads(metadata["calibration_scores"]))
+    scores = fast_detector.calibration_scores_[:3] + 1e-3
+    by_hand = (1 + (calibration[None, :] <= scores[:, None]).sum(1)) / (
+        len(calibration) + 1
+    )
+    np.testing.assert_array_equal(
+        by_hand, pvalues(fast_detector.calibration_scores_, scores)
+    )
     assert (int(metadata["input_height"]), int(metadata["input_width"])) == (side,) * 2
 
 

@@ -119,7 +119,7 @@ class BankBuilder:
         self.random_state = random_state
         self.verbose = verbose
 
-    def build(self, sources, n_bank, patch_counts, keep_images=()):
+    def build(self, sources, n_bank, patch_counts, keep_images=(), hold_out=False):
         """The memory bank of ``sources``, and the features of ``keep_images``.
 
         Parameters
@@ -138,6 +138,10 @@ class BankBuilder:
             Images whose full patch features are also returned, e.g. to
             calibrate thresholds.
 
+        hold_out : bool, default=False
+            Keep ``keep_images`` out of the bank: their features are only
+            returned, and the coreset is selected among the other images.
+
         Returns
         -------
         bank : ndarray of shape (n_bank, n_features)
@@ -150,14 +154,19 @@ class BankBuilder:
             Patch features of ``keep_images``, in their order.
         """
         n_features = self.features.feature_dim
-        n_patches = int(patch_counts.sum())
+        keep_images = np.asarray(keep_images, dtype=np.int64)
+        in_bank = np.arange(len(sources))
+        if hold_out:
+            in_bank = np.setdiff1d(in_bank, keep_images)
+        n_patches = int(patch_counts[in_bank].sum())
         chunks = plan_chunks(
-            len(sources),
-            patch_counts,
+            len(in_bank),
+            patch_counts[in_bank],
             method=self.method,
             chunk_size=self.chunk_size,
             random_state=self.random_state,
         )
+        chunks = [in_bank[chunk] for chunk in chunks]
         select = n_bank < n_patches
         if select:
             projection = selection_projection(
@@ -166,7 +175,6 @@ class BankBuilder:
             sizes = [int(patch_counts[chunk].sum()) for chunk in chunks]
             shares = split_budget(n_bank, sizes)
             starts = [int(self.random_state.randint(size)) for size in sizes]
-        keep_images = np.asarray(keep_images, dtype=np.int64)
         kept_counts = patch_counts[keep_images]
         kept = _KeptImages(
             slots={int(i): s for s, i in enumerate(keep_images)},
@@ -190,6 +198,9 @@ class BankBuilder:
             progress_bar(n_bank, "coreset", "patches", self.verbose and select) as bar,
             Parallel(n_jobs=1 if device.type != "cpu" else self.n_jobs) as parallel,
         ):
+            if hold_out:
+                # Their features are copied into the kept slots, then dropped.
+                self._extract(sources, keep_images, patch_counts, images, kept)
             for first in range(0, len(chunks), n_parallel):
                 group = range(first, min(first + n_parallel, len(chunks)))
                 features = [
