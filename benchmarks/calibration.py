@@ -129,6 +129,11 @@ def parse_args(argv=None):
         help="write the results to this JSON file (again after every split)",
     )
     parser.add_argument(
+        "--figure",
+        default=None,
+        help="also save a reliability figure (one panel per data set) to this file",
+    )
+    parser.add_argument(
         "--report",
         default=None,
         help="comma-separated JSON files of --save: print their tables, fit nothing",
@@ -463,6 +468,31 @@ def print_tables(results, alphas):
     return disagreements
 
 
+def save_reliability_figure(results, path):
+    """Realized against nominal false-alarm rate, one panel per data set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from skpatchcore.plotting import plot_reliability
+
+    fig, axes = plt.subplots(
+        1, len(results), figsize=(4 * len(results), 4), squeeze=False
+    )
+    for ax, (dataset, modes) in zip(axes[0], results.items()):
+        for mode, splits in modes.items():
+            plot_reliability(
+                [split["good_pvalues"] for split in splits],
+                alphas=np.linspace(0, 0.2, 81),
+                ax=ax,
+                label=f"{mode} (n = {splits[0]['n_calibration']})",
+            )
+        ax.set_title(dataset)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
@@ -497,6 +527,9 @@ def main(argv=None):
     for line in notes:
         print(f"- {line}")
     print()
+    if args.figure:
+        save_reliability_figure(results, args.figure)
+        print(f"Reliability figure: {args.figure}")
     print(f"Total run time: {time.perf_counter() - started:.0f} s")
     return 0
 

@@ -12,6 +12,7 @@ import numpy as np
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 from sklearn.utils.validation import check_is_fitted
 
+from ._conformal import pvalues as conformal_pvalues
 from ._detector import PatchCoreDetector
 from ._images import input_geometry
 from ._reliability_plot import plot_reliability
@@ -546,8 +547,10 @@ def plot_extremes(
         threshold, none of their maps exceeds the pixel threshold.
 
     notes : sequence of length n_images, default=None
-        One more line under the title of each image shown (such as its
-        p-value), or None for no line. None adds no lines.
+        One more line under the title of each image shown. None shows each
+        image's conformal p-value (as :meth:`PatchCoreDetector.pvalues`
+        gives it) when `detector` is given and `image_threshold` is None,
+        so that `scores` are ``score_samples``; otherwise no line.
 
     Returns
     -------
@@ -594,9 +597,14 @@ def plot_extremes(
             raise ValueError(
                 f"{name} has {length} elements but y_true has {y_true.size}."
             )
+    # Only on the scale of score_samples, which the calibration scores share.
+    show_pvalues = notes is None and image_threshold is None
     threshold, image_threshold, input_size = _fitted_settings(
         detector, threshold, image_threshold
     )
+    calibration = getattr(detector, "calibration_scores_", None)
+    if show_pvalues and calibration is not None:
+        notes = [f"p-value {p:.3g}" for p in conformal_pvalues(calibration, scores)]
     anomaly_scores = -scores
     good = np.flatnonzero(y_true == 1)
     defective = np.flatnonzero(y_true == -1)

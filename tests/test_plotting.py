@@ -230,6 +230,29 @@ def test_notes_add_a_line_per_panel(scored_images):
         plot_extremes(images, labels, scores, maps, notes=notes[:2])
 
 
+def test_panels_show_the_detectors_p_values(scored_images):
+    images, labels, scores, maps, _ = scored_images
+    detector = _fitted_stub(image_size=8, resize=None, threshold=2.0, offset=-0.15)
+    detector.calibration_scores_ = np.array([-0.5, -0.2, 0.0, 0.3])
+    fig = plot_extremes(
+        images, labels, scores, maps, n=2, detector=detector, show_catches=False
+    )
+    # score_samples of good #1 (-0.3), good #3 (0.1), defective #6 (0.5) and
+    # #4 (0.2): (1 + calibration scores at most each) / (4 + 1).
+    assert [title.split("\n")[2] for title in _titles(fig)] == [
+        "p-value 0.4",
+        "p-value 0.8",
+        "p-value 1",
+        "p-value 0.8",
+    ]
+    # decision_function scores (an image_threshold given) are on another
+    # scale, and explicit notes win: no p-values then.
+    fig = plot_extremes(
+        images, labels, scores, maps, n=2, detector=detector, image_threshold=0.0
+    )
+    assert all(title.count("\n") == 1 for title in _titles(fig))
+
+
 def test_missing_matplotlib(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     with pytest.raises(ImportError, match=r'pip install "skpatchcore\[plot\]"'):
