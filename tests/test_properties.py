@@ -213,7 +213,8 @@ def check_outcome(call, X, n_images, valid):
     """The property: finite results of the right shape, or our own clear error."""
     try:
         result = call(X)
-    except (ValueError, TypeError) as error:
+    # FileNotFoundError: a path that names nothing, as the built-in open says.
+    except (ValueError, TypeError, FileNotFoundError) as error:
         assert not valid, f"valid input refused: {error}"
         traceback = error.__traceback__
         while traceback.tb_next is not None:
