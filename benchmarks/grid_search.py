@@ -54,8 +54,37 @@ def parse_args(argv=None):
         help="model input side; the cells are resized to 8/7 of it, then "
         "centre-cropped (the detector's 256/224 by default)",
     )
+    parser.add_argument(
+        "--backbone",
+        default="efficientnet_lite0",
+        help="backbone of every candidate, e.g. wide_resnet50_2 (with "
+        "--random-weights offline: its time, not its quality)",
+    )
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="seeded random weights of a torchvision ResNet (layer2 and "
+        "layer3), for timing only",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
+
+
+def backbone_params(args):
+    """The backbone parameters that every detector of a run shares.
+
+    Random weights are drawn once, as a module with seeded weights: with
+    ``weights=None`` every fit would draw others, which neither the results
+    nor the cache could share.
+    """
+    if not args.random_weights:
+        return {"backbone": args.backbone}
+    import torch
+    import torchvision
+
+    torch.manual_seed(args.seed)
+    module = torchvision.models.get_model(args.backbone, weights=None)
+    return {"backbone": module, "layers": ("layer2", "layer3")}
 
 
 def load_cells(args):
@@ -78,7 +107,7 @@ def search(args, images, labels, memory):
     from skpatchcore import PatchCoreDetector
 
     detector = PatchCoreDetector(
-        backbone="efficientnet_lite0",
+        **backbone_params(args),
         image_size=args.image_size,
         resize=round(args.image_size * 256 / 224),
         memory=memory,
@@ -113,11 +142,12 @@ def main(argv=None):
         command_line(__file__, argv),
         f"{len(images)} ELPV mono cells ({int(np.sum(labels == -1))} defective), "
         f"{n_candidates} candidates x {args.folds} folds + refit, "
-        f"efficientnet_lite0 at {args.image_size}, seed {args.seed}",
+        f"{args.backbone}{' (random weights)' if args.random_weights else ''} "
+        f"at {args.image_size}, seed {args.seed}",
     )
     # Warm-up: the process's first backbone passes are slow.
     PatchCoreDetector(
-        backbone="efficientnet_lite0", image_size=args.image_size, resize=None
+        **backbone_params(args), image_size=args.image_size, resize=None
     ).fit(images[:2])
 
     plain, plain_s = search(args, images, labels, memory=None)
