@@ -50,6 +50,22 @@ FOLDERS = {"mpdd_metal_plate": "mpdd", "kolektorsdd": "kolektorsdd"}
 # --- Command-line options -------------------------------------------------
 
 
+def add_split_options(parser):
+    """``--train-size`` and ``--n-test`` of the ELPV split, ``--coreset-ratio``
+    and ``--batch-size``, as the threshold and calibration studies share them."""
+    parser.add_argument(
+        "--train-size", type=int, default=100, help="normal ELPV cells to train on"
+    )
+    parser.add_argument(
+        "--n-test",
+        type=int,
+        default=50,
+        help="ELPV test cells of each class, normal and defective",
+    )
+    parser.add_argument("--coreset-ratio", type=float, default=0.1)
+    parser.add_argument("--batch-size", type=int, default=16)
+
+
 def add_folder_options(parser):
     """``--mpdd``, ``--kolektorsdd`` (the shared folders by default) and
     ``--folder-subset``, which ``load_dataset`` reads."""

@@ -60,6 +60,7 @@ import numpy as np
 from _common import (
     DATASETS,
     add_folder_options,
+    add_split_options,
     command_line,
     dataset_notes,
     load_dataset,
@@ -103,17 +104,7 @@ def parse_args(argv=None):
         default=0.5,
         help="calibration_holdout of the held-out fits: a fraction or a count",
     )
-    parser.add_argument(
-        "--train-size", type=int, default=100, help="normal ELPV cells to train on"
-    )
-    parser.add_argument(
-        "--n-test",
-        type=int,
-        default=50,
-        help="ELPV test cells of each class, normal and defective",
-    )
-    parser.add_argument("--coreset-ratio", type=float, default=0.1)
-    parser.add_argument("--batch-size", type=int, default=16)
+    add_split_options(parser)
     parser.add_argument(
         "--seed", type=int, default=0, help="first split's seed and the ELPV split"
     )

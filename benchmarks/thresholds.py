@@ -34,6 +34,7 @@ import numpy as np
 from _common import (
     DATASETS,
     add_folder_options,
+    add_split_options,
     command_line,
     dataset_notes,
     load_dataset,
@@ -95,17 +96,7 @@ def parse_args(argv=None):
         help=f"comma-separated subset of {', '.join(DEFAULT_DATASETS)}",
     )
     add_folder_options(parser)
-    parser.add_argument(
-        "--train-size", type=int, default=100, help="normal ELPV cells to train on"
-    )
-    parser.add_argument(
-        "--n-test",
-        type=int,
-        default=50,
-        help="ELPV test cells of each class, normal and defective",
-    )
-    parser.add_argument("--coreset-ratio", type=float, default=0.1)
-    parser.add_argument("--batch-size", type=int, default=16)
+    add_split_options(parser)
     parser.add_argument(
         "--seed", type=int, default=0, help="random_state and the ELPV split"
     )
